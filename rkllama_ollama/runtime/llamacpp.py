@@ -1,0 +1,428 @@
+"""GGUF models on the CPU through llama-cpp-python (the `llamacpp` engine).
+
+The session keeps llama.cpp's KV cache between calls: `generate` tokenizes the prompt, keeps the
+longest prefix it shares with the tokens already in the cache and feeds only the rest. Sampling is a
+llama.cpp sampler chain built per request from `SamplingOptions`. Decisions worth knowing:
+
+- `num_ctx` is capped at the model's trained context length (read from the GGUF before the context
+  is allocated): past it a RoPE model without scaling produces garbage, and the KV memory is wasted
+  on a small board. `ModelInfo.context_length` reports the value in force; `num_ctx <= 0` means the
+  trained length.
+- Generated control tokens that are not end-of-generation (e.g. `<|im_start|>`) are emitted as text,
+  as Ollama does, so stop sequences can see them; EOS/EOG tokens end the generation unseen.
+- Prompts are tokenized with special-token parsing on (the prompt is a rendered chat template) and
+  BOS added when the model asks for it; embedding inputs are tokenized as plain text.
+- `num_predict`: > 0 is a limit, 0 evaluates the prompt only, < 0 generates until EOS or a full context.
+- A session loaded with `embedding=True` only embeds and one loaded without only generates; the
+  scheduler reloads with the other flag when it needs the other kind.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rkllama_ollama.runtime.base import (
+    EmbedResult,
+    EmitPiece,
+    GenerationStats,
+    LoadSpec,
+    ModelInfo,
+    RuntimeFailure,
+    SamplingOptions,
+)
+
+logger = logging.getLogger(__name__)
+
+_KV_BYTES_PER_VALUE = 2  # llama.cpp's default KV cache type is F16
+_RANDOM_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: the dist sampler seeds itself randomly
+_FALLBACK_CONTEXT = 4096  # when neither the request nor the GGUF names a context length
+
+
+def _import_llama_cpp() -> Any:
+    try:
+        import llama_cpp
+    except ImportError as exc:  # pragma: no cover - depends on the installation
+        raise RuntimeFailure(
+            "GGUF models need llama-cpp-python: install rkllama-ollama with the 'cpu' extra"
+        ) from exc
+    # Before the first Llama() the binding prints every native log line; keep only errors.
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+    return llama_cpp
+
+
+def _trained_context_length(llama_cpp: Any, model_path: str) -> int:
+    """Read the trained context length from the GGUF without loading weights (vocab-only load)."""
+    llama_cpp.llama_backend_init()
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    model = llama_cpp.llama_model_load_from_file(model_path.encode("utf-8"), params)
+    if not model:
+        raise RuntimeFailure(f"could not read the GGUF model {model_path}: not a valid GGUF file")
+    try:
+        # A vocab-only load leaves the hyper-parameters at zero: read the metadata instead.
+        arch = _metadata_value(llama_cpp, model, "general.architecture")
+        value = _metadata_value(llama_cpp, model, f"{arch}.context_length") if arch else ""
+        return int(value) if value.isdigit() else 0
+    finally:
+        llama_cpp.llama_model_free(model)
+
+
+def _metadata_value(llama_cpp: Any, model: Any, key: str) -> str:
+    buffer = ctypes.create_string_buffer(256)
+    written = llama_cpp.llama_model_meta_val_str(model, key.encode("utf-8"), buffer, len(buffer))
+    return buffer.value.decode("utf-8", errors="replace") if written >= 0 else ""
+
+
+class _PieceDecoder:
+    """Turns generated token ids into text pieces that never split a UTF-8 character."""
+
+    def __init__(self, token_bytes: Callable[[int], bytes]) -> None:
+        self._token_bytes = token_bytes
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, token: int) -> str:
+        return self._decoder.decode(self._token_bytes(token))
+
+    def flush(self) -> str:
+        return self._decoder.decode(b"", final=True)
+
+
+class LlamaCppSession:
+    """One GGUF model loaded in llama.cpp. See the module docstring for the decisions it makes."""
+
+    def __init__(self, spec: LoadSpec) -> None:
+        llama_cpp = _import_llama_cpp()
+        self._llama_cpp = llama_cpp
+        model_path = str(spec.model_path)
+        if not Path(model_path).is_file():
+            raise RuntimeFailure(f"model file not found: {model_path}")
+        trained = _trained_context_length(llama_cpp, model_path)
+        n_ctx = spec.num_ctx if spec.num_ctx > 0 else (trained or _FALLBACK_CONTEXT)
+        if trained > 0:
+            n_ctx = min(n_ctx, trained)
+        if spec.num_ctx > n_ctx:
+            logger.info("num_ctx %d capped at the trained context length %d", spec.num_ctx, n_ctx)
+        n_threads = spec.n_threads if spec.n_threads > 0 else (os.cpu_count() or 1)
+        # Embedding models need a whole input in one micro-batch (non-causal attention).
+        n_batch = n_ctx if spec.embedding else min(n_ctx, 512)
+        started = time.perf_counter()
+        try:
+            self._llm = llama_cpp.Llama(
+                model_path=model_path,
+                n_ctx=n_ctx,
+                n_batch=n_batch,
+                n_ubatch=n_batch,
+                n_threads=n_threads,
+                n_threads_batch=n_threads,
+                embedding=spec.embedding,
+                logits_all=False,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError) as exc:
+            raise RuntimeFailure(f"could not load the GGUF model {model_path}: {exc}") from exc
+        self._embedding = spec.embedding
+        # llama.cpp pads its context to a multiple of 256; the binding's bookkeeping holds `n_ctx`.
+        self._n_ctx = min(n_ctx, int(self._llm.n_ctx()))
+        self._vocab = self._llm._model.vocab
+        self._add_bos = bool(self._llm._model.add_bos_token())
+        self._piece_cache: dict[int, bytes] = {}
+        self._piece_buffer = ctypes.create_string_buffer(64)
+        self._abort = threading.Event()
+        self.info = self._model_info(model_path)
+        logger.info(
+            "loaded %s: n_ctx=%d threads=%d embedding=%s in %.3f s",
+            model_path,
+            self._n_ctx,
+            n_threads,
+            spec.embedding,
+            time.perf_counter() - started,
+        )
+
+    # -- model facts -------------------------------------------------------------------------
+
+    def _model_info(self, model_path: str) -> ModelInfo:
+        llama_cpp = self._llama_cpp
+        metadata = self._llm.metadata
+        bos, eos = self._llm.token_bos(), self._llm.token_eos()
+        return ModelInfo(
+            context_length=self._n_ctx,
+            chat_template=metadata.get("tokenizer.chat_template"),
+            bos_token=self._token_text(bos) if bos >= 0 else "",
+            eos_token=self._token_text(eos) if eos >= 0 else "",
+            add_bos_token=self._add_bos,
+            embedding_length=int(self._llm.n_embd()),
+            memory_bytes=int(llama_cpp.llama_model_size(self._llm.model)) + self._kv_cache_bytes(metadata),
+        )
+
+    def _token_text(self, token: int) -> str:
+        text = self._llama_cpp.llama_vocab_get_text(self._vocab, token)
+        return text.decode("utf-8", errors="replace") if text else ""
+
+    def _kv_cache_bytes(self, metadata: dict[str, str]) -> int:
+        """Approximate size of the F16 KV cache for the whole context."""
+        llama_cpp, model = self._llama_cpp, self._llm.model
+        n_layer = int(llama_cpp.llama_model_n_layer(model))
+        n_head = max(1, int(llama_cpp.llama_model_n_head(model)))
+        n_head_kv = int(llama_cpp.llama_model_n_head_kv(model))
+        arch = metadata.get("general.architecture", "")
+        head_dim_k = int(metadata.get(f"{arch}.attention.key_length", 0)) or self._llm.n_embd() // n_head
+        head_dim_v = int(metadata.get(f"{arch}.attention.value_length", 0)) or head_dim_k
+        return n_layer * self._n_ctx * n_head_kv * (head_dim_k + head_dim_v) * _KV_BYTES_PER_VALUE
+
+    # -- tokens ------------------------------------------------------------------------------
+
+    def _require_open(self) -> Any:
+        if self._llm is None:
+            raise RuntimeFailure("the model has been unloaded")
+        return self._llm
+
+    def tokenize(self, text: str) -> list[int]:
+        llm = self._require_open()
+        return llm.tokenize(text.encode("utf-8"), add_bos=self._add_bos, special=True)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        """Inverse of `tokenize`: special tokens are rendered, BOS included."""
+        self._require_open()
+        if not tokens:
+            return ""
+        llama_cpp = self._llama_cpp
+        array = (llama_cpp.llama_token * len(tokens))(*tokens)
+        size = max(64, len(tokens) * 8)
+        for _ in range(2):
+            buffer = ctypes.create_string_buffer(size)
+            written = llama_cpp.llama_detokenize(self._vocab, array, len(tokens), buffer, size, False, True)
+            if written >= 0:
+                return buffer.raw[:written].decode("utf-8", errors="replace")
+            size = -written
+        raise RuntimeFailure("could not detokenize the tokens")
+
+    def _token_bytes(self, token: int) -> bytes:
+        """The raw bytes of one token (special tokens rendered), cached per id."""
+        piece = self._piece_cache.get(token)
+        if piece is None:
+            llama_cpp, buffer = self._llama_cpp, self._piece_buffer
+            written = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, True)
+            if written < 0:
+                buffer = ctypes.create_string_buffer(-written)
+                written = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, True)
+            piece = buffer.raw[: max(written, 0)]
+            self._piece_cache[token] = piece
+        return piece
+
+    # -- generation --------------------------------------------------------------------------
+
+    def abort(self) -> None:
+        """Stop the running generation at the next token; thread-safe.
+
+        Called while idle, it makes the next `generate` end at once with done_reason "abort": the
+        runner calls it just before `generate` to close the race between an abort and the start.
+        The flag is cleared when `generate` returns.
+        """
+        self._abort.set()
+
+    def generate(self, prompt: str, options: SamplingOptions, emit: EmitPiece) -> GenerationStats:
+        try:
+            llm = self._require_open()
+            if self._embedding:
+                raise RuntimeFailure("this model was loaded for embeddings; load it again to generate text")
+            tokens = self.tokenize(prompt)
+            if not tokens:
+                raise RuntimeFailure("the prompt is empty")
+            if len(tokens) > self._n_ctx:
+                raise RuntimeFailure(
+                    f"the prompt is {len(tokens)} tokens long, "
+                    f"more than the context length of {self._n_ctx} tokens"
+                )
+            sampler = self._build_sampler(options, tokens)
+            try:
+                return self._run(llm, tokens, options, sampler, emit)
+            except RuntimeError as exc:  # llama_decode failures
+                self._forget_cache(llm)
+                raise RuntimeFailure(f"llama.cpp failed during generation: {exc}") from exc
+            finally:
+                sampler.close()
+        finally:
+            self._abort.clear()
+
+    def _run(
+        self, llm: Any, tokens: list[int], options: SamplingOptions, sampler: Any, emit: EmitPiece
+    ) -> GenerationStats:
+        llama_cpp = self._llama_cpp
+        started = time.perf_counter_ns()
+        reused = self._reuse_prefix(llm, tokens)
+        pending = tokens[reused:]
+        for start in range(0, len(pending), llm.n_batch):
+            if self._abort.is_set():
+                break
+            llm.eval(pending[start : start + llm.n_batch])
+        llama_cpp.llama_synchronize(llm.ctx)
+        prompt_done = time.perf_counter_ns()
+        prompt_eval_count = llm.n_tokens - reused
+
+        generated: list[int] = []
+        decoder = _PieceDecoder(self._token_bytes)
+        limit = options.num_predict if options.num_predict >= 0 else self._n_ctx
+        done_reason = "length"
+        if llm.n_tokens < len(tokens):
+            done_reason = "abort"
+            limit = 0
+        while len(generated) < limit:
+            if self._abort.is_set():
+                done_reason = "abort"
+                break
+            token = sampler.sample(llm._ctx, -1)
+            if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+                done_reason = "stop"
+                break
+            generated.append(token)
+            piece = decoder.feed(token)
+            if piece:
+                emit(piece)
+            if len(generated) >= limit or llm.n_tokens >= self._n_ctx:
+                break
+            llm.eval([token])
+        tail = decoder.flush()
+        if tail:
+            emit(tail)
+        finished = time.perf_counter_ns()
+
+        stats = GenerationStats(
+            done_reason=done_reason,
+            prompt_tokens=len(tokens),
+            prompt_eval_count=prompt_eval_count,
+            prompt_eval_ns=prompt_done - started,
+            eval_count=len(generated),
+            eval_ns=finished - prompt_done,
+            context=tokens + generated,
+        )
+        logger.info(
+            "generated %d tokens (%s), prompt %d tokens of which %d fed",
+            stats.eval_count,
+            done_reason,
+            stats.prompt_tokens,
+            prompt_eval_count,
+        )
+        return stats
+
+    def _reuse_prefix(self, llm: Any, tokens: list[int]) -> int:
+        """Keep the cached prefix shared with `tokens` (at least one token is re-fed for logits)."""
+        cached = llm.input_ids[: llm.n_tokens].tolist()
+        shared = 0
+        for old, new in zip(cached, tokens, strict=False):
+            if old != new:
+                break
+            shared += 1
+        shared = min(shared, len(tokens) - 1)
+        if shared > 0 and llm._ctx.kv_cache_seq_rm(-1, shared, -1):
+            llm.n_tokens = shared
+            return shared
+        self._forget_cache(llm)
+        return 0
+
+    def _forget_cache(self, llm: Any) -> None:
+        llm.n_tokens = 0
+        llm._ctx.kv_cache_clear()
+
+    def _build_sampler(self, options: SamplingOptions, prompt: list[int]) -> Any:
+        """A llama.cpp sampler chain for one request (penalties, grammar, then the sampler proper)."""
+        llama_cpp = self._llama_cpp
+        from llama_cpp._internals import LlamaSampler
+
+        sampler = LlamaSampler()
+        try:
+            last_n = self._n_ctx if options.repeat_last_n < 0 else options.repeat_last_n
+            penalties = (
+                options.repeat_penalty != 1.0
+                or options.frequency_penalty != 0.0
+                or options.presence_penalty != 0.0
+            )
+            if penalties and last_n > 0:
+                sampler.add_penalties(
+                    n_vocab=self._llm.n_vocab(),
+                    penalty_last_n=last_n,
+                    penalty_repeat=options.repeat_penalty,
+                    penalty_freq=options.frequency_penalty,
+                    penalty_present=options.presence_penalty,
+                )
+                # The penalties see the prompt's last tokens too (the grammar must not).
+                penalty_sampler = llama_cpp.llama_sampler_chain_get(sampler.sampler, 0)
+                for token in prompt[-last_n:]:
+                    llama_cpp.llama_sampler_accept(penalty_sampler, token)
+            if options.grammar:
+                grammar = llama_cpp.llama_sampler_init_grammar(
+                    self._vocab, options.grammar.encode("utf-8"), b"root"
+                )
+                if not grammar:
+                    raise RuntimeFailure("the grammar could not be parsed (GBNF with a 'root' rule expected)")
+                llama_cpp.llama_sampler_chain_add(sampler.sampler, grammar)
+            if options.temperature <= 0.0:
+                sampler.add_greedy()
+                return sampler
+            if options.top_k > 0:
+                sampler.add_top_k(options.top_k)
+            if 0.0 < options.typical_p < 1.0:
+                sampler.add_typical(options.typical_p, 1)
+            if 0.0 < options.top_p < 1.0:
+                sampler.add_top_p(options.top_p, 1)
+            if options.min_p > 0.0:
+                sampler.add_min_p(options.min_p, 1)
+            sampler.add_temp(options.temperature)
+            sampler.add_dist(_RANDOM_SEED if options.seed < 0 else options.seed & 0xFFFFFFFF)
+            return sampler
+        except BaseException:
+            sampler.close()
+            raise
+
+    # -- embeddings --------------------------------------------------------------------------
+
+    def embed(self, inputs: list[str], truncate: bool) -> EmbedResult:
+        llm = self._require_open()
+        if not self._embedding:
+            raise RuntimeFailure("this model was loaded for text generation; load it again with embeddings")
+        token_lists = [llm.tokenize(text.encode("utf-8"), add_bos=True, special=False) for text in inputs]
+        if not truncate and any(len(tokens) > self._n_ctx for tokens in token_lists):
+            raise RuntimeFailure("the input length exceeds the context length")
+        counts = [min(len(tokens), self._n_ctx) for tokens in token_lists]
+        texts = [text for text, count in zip(inputs, counts, strict=True) if count > 0]
+        try:
+            computed = llm.embed(texts, normalize=False, truncate=True) if texts else []
+        except (RuntimeError, ValueError) as exc:
+            llm.reset()
+            raise RuntimeFailure(f"llama.cpp failed to embed the input: {exc}") from exc
+        pooled = iter(self._pool(vector) for vector in computed)
+        width = int(llm.n_embd())
+        vectors = [next(pooled) if count > 0 else [0.0] * width for count in counts]
+        logger.info("embedded %d inputs, %d tokens", len(inputs), sum(counts))
+        return EmbedResult(vectors=vectors, prompt_tokens=sum(counts))
+
+    @staticmethod
+    def _pool(vector: list[Any]) -> list[float]:
+        """Mean-pool per-token vectors (models without a pooling type); pass pooled ones through."""
+        if not vector or not isinstance(vector[0], list):
+            return [float(value) for value in vector]
+        count = len(vector)
+        return [sum(column) / count for column in zip(*vector, strict=True)]
+
+    # -- lifetime ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._llm is not None:
+            self._llm.close()
+            self._llm = None
+            self._piece_cache.clear()
+            logger.info("model released")
+
+
+class LlamaCppRuntime:
+    """The `llamacpp` engine: loads GGUF files into `LlamaCppSession`s."""
+
+    def load(self, spec: LoadSpec) -> LlamaCppSession:
+        return LlamaCppSession(spec)

@@ -1,0 +1,462 @@
+"""The runner: a child process that hosts exactly one Session, and the server-side handle to it.
+
+Why a process: a segfault in a native library (wrong runtime version, vendor bugs) costs one request,
+not the daemon; unloading is process exit, which returns all native memory; and the per-token
+callback work never competes with the HTTP event loop for the GIL.
+
+Protocol: length-prefixed frames (4-byte big-endian length + one orjson object) on two pipes.
+Commands go to the child's stdin; events come back on a dedicated pipe, so whatever a native library
+prints to stdout (the RKLLM banner) never corrupts the stream. Every command carries an `id`; every
+event names the `id` it answers.
+
+  server -> runner                                   runner -> server
+  {"op": "load", "id", "spec"}                       {"ev": "loaded", "id", "info", "load_ns"}
+  {"op": "generate", "id", "prompt", "options"}      {"ev": "piece", "id", "text"}..., {"ev": "done", ...}
+  {"op": "embed", "id", "inputs", "truncate"}        {"ev": "embedded", "id", "result"}
+  {"op": "tokenize", "id", "text"}                   {"ev": "tokens", "id", "tokens"}
+  {"op": "detokenize", "id", "tokens"}               {"ev": "text", "id", "text"}
+  {"op": "abort", "id"}  (acted on at once, even mid-generation)
+  {"op": "shutdown"}                                 or, to any command: {"ev": "error", "id", "message"}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import signal
+import struct
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+import orjson
+
+from rkllama_ollama.runtime.base import (
+    EmbedResult,
+    GenerationStats,
+    LoadSpec,
+    ModelInfo,
+    Runtime,
+    RuntimeFailure,
+    SamplingOptions,
+    Session,
+)
+
+log = logging.getLogger(__name__)
+
+_HEADER = struct.Struct(">I")
+MAX_FRAME = 256 * 1024 * 1024
+
+
+def encode_frame(message: dict[str, Any]) -> bytes:
+    payload = orjson.dumps(message)
+    return _HEADER.pack(len(payload)) + payload
+
+
+# ----------------------------------------------------------------------------------------------
+# Child side
+# ----------------------------------------------------------------------------------------------
+
+
+def _read_exact(stream: BinaryIO, size: int) -> bytes | None:
+    data = b""
+    while len(data) < size:
+        chunk = stream.read(size - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+
+def _read_frame(stream: BinaryIO) -> dict[str, Any] | None:
+    header = _read_exact(stream, _HEADER.size)
+    if header is None:
+        return None
+    (size,) = _HEADER.unpack(header)
+    if size > MAX_FRAME:
+        raise ValueError(f"frame of {size} bytes is too large")
+    payload = _read_exact(stream, size)
+    return None if payload is None else orjson.loads(payload)
+
+
+def make_runtime(engine: str) -> Runtime:
+    """Import the engine only here, inside the child: the server process never loads native code."""
+    if engine == "llamacpp":
+        from rkllama_ollama.runtime.llamacpp import LlamaCppRuntime
+
+        return LlamaCppRuntime()
+    if engine == "rkllm":
+        from rkllama_ollama.runtime.rkllm.session import RkllmRuntime
+
+        return RkllmRuntime()
+    raise RuntimeFailure(f"unknown engine {engine!r}")
+
+
+class _ChildRunner:
+    def __init__(self, commands: BinaryIO, events_fd: int) -> None:
+        self._commands = commands
+        self._events_fd = events_fd
+        self._write_lock = threading.Lock()
+        self._inbox: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        self._session: Session | None = None
+        self._current_id: int | None = None
+        self._aborted: set[int] = set()
+
+    def send(self, message: dict[str, Any]) -> None:
+        frame = encode_frame(message)
+        with self._write_lock:
+            view = memoryview(frame)
+            while view:
+                written = os.write(self._events_fd, view)
+                view = view[written:]
+
+    def _read_commands(self) -> None:
+        """Reader thread: abort is acted on immediately; everything else is queued in order."""
+        try:
+            while True:
+                message = _read_frame(self._commands)
+                if message is None or message.get("op") == "shutdown":
+                    break
+                if message.get("op") == "abort":
+                    request_id = message.get("id")
+                    self._aborted.add(request_id)
+                    session = self._session
+                    if session is not None and self._current_id == request_id:
+                        session.abort()
+                    continue
+                self._inbox.put(message)
+        finally:
+            session = self._session
+            if session is not None:
+                session.abort()
+            self._inbox.put(None)
+
+    def serve(self) -> None:
+        threading.Thread(target=self._read_commands, name="runner-commands", daemon=True).start()
+        while True:
+            message = self._inbox.get()
+            if message is None:
+                break
+            request_id = message.get("id")
+            try:
+                self._handle(message)
+            except RuntimeFailure as exc:
+                self.send({"ev": "error", "id": request_id, "message": str(exc)})
+            except Exception as exc:  # an engine bug must not take the runner down silently
+                log.exception("runner: %s failed", message.get("op"))
+                self.send({"ev": "error", "id": request_id, "message": f"runner error: {exc}"})
+        if self._session is not None:
+            self._session.close()
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        op = message.get("op")
+        request_id = message.get("id")
+        if op == "load":
+            spec = LoadSpec.from_wire(message["spec"])
+            started = time.perf_counter_ns()
+            if self._session is not None:
+                self._session.close()
+                self._session = None
+            self._session = make_runtime(spec.engine).load(spec)
+            load_ns = time.perf_counter_ns() - started
+            self.send(
+                {"ev": "loaded", "id": request_id, "info": self._session.info.to_wire(), "load_ns": load_ns}
+            )
+            return
+        session = self._session
+        if session is None:
+            raise RuntimeFailure("no model is loaded in this runner")
+        if op == "generate":
+            if request_id in self._aborted:
+                self._aborted.discard(request_id)
+                self.send({"ev": "done", "id": request_id, "stats": None})
+                return
+            options = SamplingOptions.from_wire(message.get("options") or {})
+            send = self.send
+
+            def emit(text: str) -> None:
+                send({"ev": "piece", "id": request_id, "text": text})
+
+            for stale in [i for i in list(self._aborted) if not isinstance(i, int) or i < request_id]:
+                self._aborted.discard(stale)
+            self._current_id = request_id
+            if request_id in self._aborted:  # the abort arrived before we published the current id
+                session.abort()  # sessions keep a pending abort until their next generate() returns
+            try:
+                stats = session.generate(message["prompt"], options, emit)
+                if stats.done_reason == "abort" and request_id not in self._aborted and stats.eval_count == 0:
+                    # A late abort of the previous request (sent before the server saw its "done")
+                    # left the session's abort flag set: it was not meant for this request.
+                    stats = session.generate(message["prompt"], options, emit)
+            finally:
+                self._current_id = None
+                self._aborted.discard(request_id)
+            self.send({"ev": "done", "id": request_id, "stats": stats.to_wire()})
+        elif op == "embed":
+            result = session.embed(list(message["inputs"]), bool(message.get("truncate", True)))
+            self.send({"ev": "embedded", "id": request_id, "result": result.to_wire()})
+        elif op == "tokenize":
+            self.send({"ev": "tokens", "id": request_id, "tokens": session.tokenize(message["text"])})
+        elif op == "detokenize":
+            self.send({"ev": "text", "id": request_id, "text": session.detokenize(message["tokens"])})
+        else:
+            raise RuntimeFailure(f"unknown runner command {op!r}")
+
+
+def child_main(argv: list[str]) -> int:
+    """Entry point of the runner process: `python -m rkllama_ollama.runtime.runner <events-fd>`."""
+    events_fd = int(argv[0])
+    logging.basicConfig(
+        level=os.environ.get("RKLLAMA_LOG_LEVEL", "INFO").upper(),
+        format="runner[%(process)d] %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when we stop
+    _ChildRunner(sys.stdin.buffer, events_fd).serve()
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Server side
+# ----------------------------------------------------------------------------------------------
+
+
+class RunnerDied(RuntimeFailure):
+    """The runner process exited while a request was using it."""
+
+
+@dataclass(frozen=True)
+class Piece:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    stats: GenerationStats | None  # None when aborted before it started
+
+
+class RunnerProcess:
+    """The server's handle on one runner child. One command at a time (the scheduler serialises)."""
+
+    def __init__(self, process: asyncio.subprocess.Process, events: asyncio.StreamReader) -> None:
+        self._process = process
+        self._events = events
+        self._next_id = 0
+        self._waiting: dict[int, asyncio.Queue[dict[str, Any]]] = {}
+        self._dead_reason: str | None = None
+        self._reader_task = asyncio.get_running_loop().create_task(self._read_events())
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    @property
+    def alive(self) -> bool:
+        return self._dead_reason is None and self._process.returncode is None
+
+    @classmethod
+    async def start(cls, env: dict[str, str] | None = None) -> RunnerProcess:
+        read_fd, write_fd = os.pipe()
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "rkllama_ollama.runtime.runner",
+                str(write_fd),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=sys.stderr.fileno() if _has_fileno(sys.stderr) else None,
+                pass_fds=(write_fd,),
+                env=env,
+                start_new_session=True,  # a Ctrl-C in a terminal reaches the server only
+            )
+        finally:
+            os.close(write_fd)
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=MAX_FRAME, loop=loop)
+        await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader, loop=loop), os.fdopen(read_fd, "rb", 0)
+        )
+        log.info("runner started pid=%d", process.pid)
+        return cls(process, reader)
+
+    async def _read_events(self) -> None:
+        try:
+            while True:
+                header = await self._events.readexactly(_HEADER.size)
+                (size,) = _HEADER.unpack(header)
+                message = orjson.loads(await self._events.readexactly(size))
+                inbox = self._waiting.get(message.get("id"))
+                if inbox is not None:
+                    inbox.put_nowait(message)
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            pass
+        returncode = await self._process.wait()
+        if returncode < 0:
+            try:
+                how = f"was killed by signal {signal.Signals(-returncode).name}"
+            except ValueError:
+                how = f"was killed by signal {-returncode}"
+        else:
+            how = f"exited with status {returncode}"
+        self._dead_reason = f"the model runner {how}"
+        if returncode != 0:
+            log.warning("runner pid=%d %s", self._process.pid, how)
+        for inbox in self._waiting.values():
+            inbox.put_nowait({"ev": "died", "message": self._dead_reason})
+
+    def _send(self, message: dict[str, Any]) -> None:
+        if not self.alive or self._process.stdin is None:
+            raise RunnerDied(self._dead_reason or "the model runner is not running")
+        try:
+            self._process.stdin.write(encode_frame(message))
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise RunnerDied(self._dead_reason or "the model runner is not running") from exc
+
+    def _open(self) -> tuple[int, asyncio.Queue[dict[str, Any]]]:
+        self._next_id += 1
+        inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._waiting[self._next_id] = inbox
+        if not self.alive:
+            inbox.put_nowait(
+                {"ev": "died", "message": self._dead_reason or "the model runner is not running"}
+            )
+        return self._next_id, inbox
+
+    @staticmethod
+    def _raise_if_failed(message: dict[str, Any]) -> None:
+        kind = message.get("ev")
+        if kind == "died":
+            raise RunnerDied(message["message"])
+        if kind == "error":
+            raise RuntimeFailure(message["message"])
+
+    async def _call(self, command: dict[str, Any], expect: str) -> dict[str, Any]:
+        request_id, inbox = self._open()
+        try:
+            self._send({**command, "id": request_id})
+            message = await inbox.get()
+            self._raise_if_failed(message)
+            if message.get("ev") != expect:
+                raise RuntimeFailure(f"runner answered {message.get('ev')!r} to {command['op']!r}")
+            return message
+        finally:
+            self._waiting.pop(request_id, None)
+
+    async def load(self, spec: LoadSpec) -> tuple[ModelInfo, int]:
+        message = await self._call({"op": "load", "spec": spec.to_wire()}, "loaded")
+        return ModelInfo.from_wire(message["info"]), int(message["load_ns"])
+
+    async def embed(self, inputs: list[str], truncate: bool) -> EmbedResult:
+        message = await self._call({"op": "embed", "inputs": inputs, "truncate": truncate}, "embedded")
+        return EmbedResult.from_wire(message["result"])
+
+    async def tokenize(self, text: str) -> list[int]:
+        return list((await self._call({"op": "tokenize", "text": text}, "tokens"))["tokens"])
+
+    async def detokenize(self, tokens: list[int]) -> str:
+        return str((await self._call({"op": "detokenize", "tokens": tokens}, "text"))["text"])
+
+    def generate(self, prompt: str, options: SamplingOptions) -> RunnerGeneration:
+        """Start a generation; iterate it for pieces and one Finished. `aclose()` before the end aborts."""
+        request_id, inbox = self._open()
+        try:
+            self._send({"op": "generate", "id": request_id, "prompt": prompt, "options": options.to_wire()})
+        except BaseException:
+            self._waiting.pop(request_id, None)
+            raise
+        return RunnerGeneration(self, request_id, inbox)
+
+    def _abort(self, request_id: int) -> None:
+        self._waiting.pop(request_id, None)
+        if self.alive:
+            try:
+                self._send({"op": "abort", "id": request_id})
+            except RunnerDied:
+                pass
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Ask the runner to exit (releasing the model); kill it if it does not within `timeout`."""
+        if self._process.returncode is None:
+            try:
+                if self._process.stdin is not None:
+                    self._process.stdin.write(encode_frame({"op": "shutdown"}))
+                    self._process.stdin.close()
+            except (BrokenPipeError, ConnectionResetError, RuntimeError):
+                pass
+            try:
+                await asyncio.wait_for(self._process.wait(), timeout)
+            except TimeoutError:
+                log.warning("runner pid=%d did not exit in %.1fs; killing it", self._process.pid, timeout)
+                self._process.kill()
+                await self._process.wait()
+        try:
+            await asyncio.wait_for(self._reader_task, 1.0)
+        except (TimeoutError, asyncio.CancelledError):
+            self._reader_task.cancel()
+        log.info("runner pid=%d stopped", self._process.pid)
+
+    def kill(self) -> None:
+        if self._process.returncode is None:
+            self._process.kill()
+
+
+class RunnerGeneration:
+    """One running generation: async-iterate for Piece events, ending with one Finished."""
+
+    def __init__(self, runner: RunnerProcess, request_id: int, inbox: asyncio.Queue[dict[str, Any]]) -> None:
+        self._runner = runner
+        self._id = request_id
+        self._inbox = inbox
+        self._finished = False
+
+    def __aiter__(self) -> RunnerGeneration:
+        return self
+
+    async def __anext__(self) -> Piece | Finished:
+        if self._finished:
+            raise StopAsyncIteration
+        try:
+            message = await self._inbox.get()
+        except BaseException:
+            await self.aclose()
+            raise
+        kind = message.get("ev")
+        if kind == "piece":
+            return Piece(message["text"])
+        self._finished = True
+        self._runner._waiting.pop(self._id, None)
+        if kind == "done":
+            stats = message.get("stats")
+            return Finished(None if stats is None else GenerationStats.from_wire(stats))
+        RunnerProcess._raise_if_failed(message)
+        raise RuntimeFailure(f"runner sent an unexpected {kind!r} event")
+
+    def abort(self) -> None:
+        """Ask the runner to stop at the next token; keep iterating to receive its Finished."""
+        if not self._finished and self._runner.alive:
+            try:
+                self._runner._send({"op": "abort", "id": self._id})
+            except RunnerDied:
+                pass
+
+    async def aclose(self) -> None:
+        """Abandon the generation: abort it and stop listening (its remaining events are dropped)."""
+        if not self._finished:
+            self._finished = True
+            self._runner._abort(self._id)
+
+
+def _has_fileno(stream: Any) -> bool:
+    try:
+        stream.fileno()
+        return True
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(child_main(sys.argv[1:]))

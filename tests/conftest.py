@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.daemon import Daemon
+from tests.support.tiny_gguf import write_tiny_gguf
+
+TINY = "tiny"
+
+
+def make_gguf_model(
+    store: Path, folder: str, *, context_length: int = 4096, system: str | None = None
+) -> Path:
+    """A store folder in the seed layout: Modelfile + tiny random GGUF."""
+    model_dir = store / folder
+    model_dir.mkdir(parents=True, exist_ok=True)
+    write_tiny_gguf(model_dir / "tiny.gguf", context_length=context_length)
+    lines = ['FROM="tiny.gguf"', "TEMPERATURE=0.7"]
+    if system:
+        lines.append(f'SYSTEM="{system}"')
+    (model_dir / "Modelfile").write_text("\n".join(lines) + "\n")
+    return model_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    store = tmp_path_factory.mktemp("store") / "models"
+    make_gguf_model(store, TINY, context_length=32768)
+    return store
+
+
+@pytest.fixture(scope="session")
+def daemon(tiny_store: Path) -> Iterator[Daemon]:
+    server = Daemon(tiny_store).start()
+    yield server
+    server.stop()
