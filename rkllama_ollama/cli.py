@@ -22,36 +22,15 @@ def _configure_logging(settings: Settings) -> None:
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    from aiohttp import web
-
-    from rkllama_ollama.api.app import create_app
+    from rkllama_ollama.daemon import run_daemon
 
     if args.host:
         host, port = parse_host(args.host) if ":" in args.host else (args.host, settings.port)
         settings = settings.with_overrides(host=host, port=port)
-    settings = settings.with_overrides(
-        port=args.port, models_dir=Path(args.models).expanduser() if args.models else None
-    )
+    models = Path(args.models).expanduser() if args.models else None
+    settings = settings.with_overrides(port=args.port, models_dir=models)
     _configure_logging(settings)
-    settings.models_dir.mkdir(parents=True, exist_ok=True)
-    app = create_app(settings)
-    log.info(
-        "rkllama-ollama %s listening on %s:%d, models in %s",
-        __version__,
-        settings.host,
-        settings.port,
-        settings.models_dir,
-    )
-    web.run_app(
-        app,
-        host=settings.host,
-        port=settings.port,
-        print=None,
-        access_log=None,
-        handler_cancellation=True,
-        shutdown_timeout=3.0,
-    )
-    return 0
+    return run_daemon(settings)
 
 
 def cmd_version(args: argparse.Namespace, settings: Settings) -> int:
