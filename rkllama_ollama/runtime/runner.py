@@ -195,6 +195,13 @@ class _ChildRunner:
             finally:
                 self._current_id = None
                 self._aborted.discard(request_id)
+            log.info(
+                "generate id=%s ended: %s, %d prompt tokens fed, %d generated",
+                request_id,
+                stats.done_reason,
+                stats.prompt_eval_count,
+                stats.eval_count,
+            )
             self.send({"ev": "done", "id": request_id, "stats": stats.to_wire()})
         elif op == "embed":
             result = session.embed(list(message["inputs"]), bool(message.get("truncate", True)))

@@ -1,0 +1,125 @@
+"""Prompt tokenisation for RKLLM models, and the chat-template facts of a tokenizer folder.
+
+With a Hugging Face `tokenizer.json` the session feeds token ids (RKLLM_INPUT_TOKEN); without one
+the prompt is fed as text and accounted as one token per UTF-8 byte (what the simulator does).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+
+class PromptTokenizer(Protocol):
+    feeds_tokens: bool  # True: feed ids as token input; False: feed text as prompt input
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def token_id(self, token: str) -> int | None: ...
+
+
+class ByteTokenizer:
+    """One token per UTF-8 byte."""
+
+    feeds_tokens = False
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i & 0xFF for i in ids).decode("utf-8", "replace")
+
+    def token_id(self, token: str) -> int | None:
+        return None
+
+
+class HfTokenizer:
+    """A Hugging Face fast tokenizer (`tokenizers` library) read from tokenizer.json."""
+
+    feeds_tokens = True
+
+    def __init__(self, tokenizer_json: Path) -> None:
+        from tokenizers import Tokenizer  # imported here: only runners of tokenized models need it
+
+        self._tokenizer = Tokenizer.from_file(str(tokenizer_json))
+
+    def encode(self, text: str) -> list[int]:
+        # The rendered prompt already carries BOS/special tokens where the template puts them.
+        return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=False)
+
+    def token_id(self, token: str) -> int | None:
+        return self._tokenizer.token_to_id(token) if token else None
+
+
+@dataclass(frozen=True)
+class TemplateFacts:
+    chat_template: str | None = None
+    bos_token: str = ""
+    eos_token: str = ""
+    add_bos_token: bool = False
+
+
+def _token_text(value: Any) -> str:
+    if isinstance(value, dict):
+        return str(value.get("content", ""))
+    return value if isinstance(value, str) else ""
+
+
+def _pick_template(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):  # [{"name": "default", "template": "..."}, ...]
+        named = {item.get("name"): item.get("template") for item in value if isinstance(item, dict)}
+        chosen = named.get("default") or next(iter(named.values()), None)
+        return chosen if isinstance(chosen, str) else None
+    return None
+
+
+def read_template_facts(tokenizer_dir: Path) -> TemplateFacts:
+    """chat_template / bos / eos from tokenizer_config.json, or chat_template.jinja."""
+    config: dict[str, Any] = {}
+    config_path = tokenizer_dir / "tokenizer_config.json"
+    if config_path.is_file():
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable %s: %s", config_path, exc)
+    template = _pick_template(config.get("chat_template"))
+    jinja_path = tokenizer_dir / "chat_template.jinja"
+    if template is None and jinja_path.is_file():
+        template = jinja_path.read_text(encoding="utf-8")
+    return TemplateFacts(
+        chat_template=template,
+        bos_token=_token_text(config.get("bos_token")),
+        eos_token=_token_text(config.get("eos_token")),
+        add_bos_token=False,  # the session never adds BOS: the rendered prompt carries it
+    )
+
+
+def resolve_tokenizer_dir(tokenizer_dir: str | None, model_path: str) -> Path | None:
+    """The tokenizer folder: the given one, else `<model folder>/tokenizer` when it exists."""
+    if tokenizer_dir:
+        return Path(tokenizer_dir)
+    fallback = Path(model_path).parent / "tokenizer"
+    return fallback if fallback.is_dir() else None
+
+
+def load_tokenizer(tokenizer_dir: Path | None) -> tuple[PromptTokenizer, TemplateFacts]:
+    if tokenizer_dir is None:
+        return ByteTokenizer(), TemplateFacts()
+    facts = read_template_facts(tokenizer_dir)
+    tokenizer_json = tokenizer_dir / "tokenizer.json"
+    if tokenizer_json.is_file():
+        return HfTokenizer(tokenizer_json), facts
+    log.info("no tokenizer.json in %s: feeding prompts as text", tokenizer_dir)
+    return ByteTokenizer(), facts

@@ -1,0 +1,122 @@
+"""The scheduler's turn queue: arrival order, interactive first, aging, bound, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from rkllama_ollama.scheduler import QueueFull, Scheduler
+
+
+def make(max_queue: int = 8, aging_s: float = 1000.0) -> Scheduler:
+    return Scheduler(keep_alive_s=300, max_queue=max_queue, aging_s=aging_s)
+
+
+async def hold(
+    scheduler: Scheduler, name: str, order: list[str], *, interactive: bool, release: asyncio.Event
+) -> None:
+    async with scheduler.turn(interactive=interactive):
+        order.append(name)
+        await release.wait()
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_interactive_requests_go_ahead_of_queued_background_work() -> None:
+    scheduler = make()
+    order: list[str] = []
+    gate = asyncio.Event()
+    first = asyncio.create_task(hold(scheduler, "first", order, interactive=False, release=gate))
+    await settle()
+    background = asyncio.create_task(hold(scheduler, "title", order, interactive=False, release=gate))
+    await settle()
+    chat = asyncio.create_task(hold(scheduler, "chat", order, interactive=True, release=gate))
+    await settle()
+    assert scheduler.queue_depth == 2
+    gate.set()
+    await asyncio.gather(first, background, chat)
+    assert order == ["first", "chat", "title"]
+
+
+async def test_same_priority_is_served_in_arrival_order() -> None:
+    scheduler = make()
+    order: list[str] = []
+    gate = asyncio.Event()
+    tasks = []
+    for index in range(5):
+        tasks.append(asyncio.create_task(hold(scheduler, str(index), order, interactive=True, release=gate)))
+        await settle()
+    gate.set()
+    await asyncio.gather(*tasks)
+    assert order == ["0", "1", "2", "3", "4"]
+
+
+async def test_aged_background_work_is_not_starved() -> None:
+    scheduler = make(aging_s=0.0)  # everything is "aged" at once: pure arrival order
+    order: list[str] = []
+    gate = asyncio.Event()
+    first = asyncio.create_task(hold(scheduler, "first", order, interactive=True, release=gate))
+    await settle()
+    background = asyncio.create_task(hold(scheduler, "title", order, interactive=False, release=gate))
+    await settle()
+    chat = asyncio.create_task(hold(scheduler, "chat", order, interactive=True, release=gate))
+    await settle()
+    gate.set()
+    await asyncio.gather(first, background, chat)
+    assert order == ["first", "title", "chat"]
+
+
+async def test_full_queue_is_refused_before_waiting() -> None:
+    scheduler = make(max_queue=2)
+    order: list[str] = []
+    gate = asyncio.Event()
+    tasks = [
+        asyncio.create_task(hold(scheduler, str(i), order, interactive=True, release=gate)) for i in range(3)
+    ]
+    await settle()
+    assert scheduler.queue_depth == 2
+    with pytest.raises(QueueFull, match="maximum pending requests exceeded"):
+        async with scheduler.turn(interactive=True):
+            pass
+    gate.set()
+    await asyncio.gather(*tasks)
+    assert sorted(order) == ["0", "1", "2"]
+
+
+async def test_a_cancelled_waiter_leaves_the_queue_and_the_turn_moves_on() -> None:
+    scheduler = make()
+    order: list[str] = []
+    gate = asyncio.Event()
+    first = asyncio.create_task(hold(scheduler, "first", order, interactive=True, release=gate))
+    await settle()
+    gone = asyncio.create_task(hold(scheduler, "gone", order, interactive=True, release=gate))
+    after = asyncio.create_task(hold(scheduler, "after", order, interactive=True, release=gate))
+    await settle()
+    gone.cancel()
+    await settle()
+    assert scheduler.queue_depth == 1
+    gate.set()
+    await asyncio.gather(first, after)
+    assert order == ["first", "after"]
+    # The lock is free again: a new turn is granted at once.
+    async with scheduler.turn(interactive=False):
+        assert scheduler.queue_depth == 0
+
+
+async def test_close_refuses_waiters() -> None:
+    scheduler = make()
+    gate = asyncio.Event()
+    order: list[str] = []
+    first = asyncio.create_task(hold(scheduler, "first", order, interactive=True, release=gate))
+    await settle()
+    waiting = asyncio.create_task(hold(scheduler, "waiting", order, interactive=True, release=gate))
+    await settle()
+    await scheduler.close()
+    with pytest.raises(QueueFull):
+        await waiting
+    gate.set()
+    await first
