@@ -12,6 +12,7 @@ the face before it has written a byte, so they keep their real HTTP status.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -86,6 +87,35 @@ class Done:
 
 Event = Loaded | Thinking | Content | ToolCallEvent | Done
 
+INPUT_TOO_LONG = "the input length exceeds the context length"
+
+
+class InputTooLong(RuntimeFailure):
+    """An embedding input longer than the context, with truncation off (a 400, not a 500)."""
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """The result of one embedding request: raw (not normalised) vectors, one per input."""
+
+    vectors: list[list[float]]
+    prompt_tokens: int
+    load_ns: int
+    total_ns: int
+
+
+def l2_normalised(vector: list[float], dimensions: int | None = None) -> list[float]:
+    """Cut to `dimensions` (when given), then scale to unit length; a zero vector stays zero.
+
+    Raises RuntimeFailure on NaN or infinite values (Ollama refuses to return them).
+    """
+    if dimensions is not None:
+        vector = vector[:dimensions]
+    if not all(math.isfinite(value) for value in vector):
+        raise RuntimeFailure("the embedding contains NaN or infinite values")
+    norm = math.sqrt(math.fsum(value * value for value in vector))
+    return [value / norm for value in vector] if norm > 0 else [0.0 for _ in vector]
+
 
 class Generator:
     def __init__(self, scheduler: Scheduler, *, default_num_ctx: int, num_threads: int) -> None:
@@ -100,6 +130,8 @@ class Generator:
         num_ctx = merged.get("num_ctx") or self.default_num_ctx
         if entry.context_length:
             num_ctx = min(num_ctx, entry.context_length) if entry.format == "rkllm" else num_ctx
+        if embedding and entry.max_context_length:  # like Ollama: embeddings never exceed the trained context
+            num_ctx = min(num_ctx, entry.max_context_length)
         params = {k: v for k, v in merged.items() if k not in LOAD_OPTIONS}
         return LoadSpec(
             engine="rkllm" if entry.format == "rkllm" else "llamacpp",
@@ -111,6 +143,42 @@ class Generator:
             # Sampling lives in SamplingOptions per request; rkllm families C-E need init-time defaults.
             params=params if entry.format == "rkllm" else {},
         )
+
+    async def embed(
+        self,
+        entry: ModelEntry,
+        inputs: list[str],
+        *,
+        truncate: bool = True,
+        options: dict[str, Any] | None = None,
+        keep_alive_s: float | None = None,
+    ) -> Embeddings:
+        """Embed `inputs` (raw vectors). Loads the model in embedding mode; no inputs = load only.
+
+        Raises InputTooLong when an input exceeds the context and `truncate` is off.
+        """
+        started = time.perf_counter_ns()
+        spec = self.load_spec(entry, options or {}, embedding=True)
+        async with self.scheduler.turn(interactive=True):
+            loaded = await self._ensure_loaded(entry, spec, keep_alive_s)
+            load_ns = time.perf_counter_ns() - started
+            result = None
+            if inputs:
+                try:
+                    result = await loaded.runner.embed(inputs, truncate)
+                except RunnerDied:
+                    self.scheduler.forget_dead_runner()
+                    raise
+                except RuntimeFailure as exc:
+                    if str(exc) == INPUT_TOO_LONG:
+                        raise InputTooLong(INPUT_TOO_LONG) from None
+                    raise
+            self.scheduler.touch(keep_alive_s)
+        vectors = result.vectors if result is not None else []
+        if len(vectors) != len(inputs):
+            raise RuntimeFailure(f"the runtime returned {len(vectors)} vectors for {len(inputs)} inputs")
+        prompt_tokens = result.prompt_tokens if result is not None else 0
+        return Embeddings(vectors, prompt_tokens, load_ns, time.perf_counter_ns() - started)
 
     async def load(self, entry: ModelEntry, options: dict[str, Any], keep_alive_s: float | None) -> int:
         """Load-only request: returns load_ns."""
@@ -247,7 +315,7 @@ class Generator:
                 raise RuntimeFailure("generation ended without statistics")
             self.scheduler.touch(request.keep_alive_s)
             reason = "stop" if stopped or stats.done_reason in ("stop", "abort") else stats.done_reason
-            yield Done(reason, stats, load_ns, time.perf_counter_ns() - started)
+            yield Done(reason, stats, load_ns + stats.reload_ns, time.perf_counter_ns() - started)
 
 
 def _wrap(event: tuple[str, Any]) -> Event:

@@ -101,6 +101,7 @@ class GenerationStats:
     eval_count: int  # tokens generated
     eval_ns: int
     context: list[int] = field(default_factory=list)  # prompt + output token ids (generate's `context`)
+    reload_ns: int = 0  # time spent re-initialising the model for this request (rkllm families C-E)
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)

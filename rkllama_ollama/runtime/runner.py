@@ -22,6 +22,7 @@ event names the `id` it answers.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import queue
@@ -195,6 +196,9 @@ class _ChildRunner:
             finally:
                 self._current_id = None
                 self._aborted.discard(request_id)
+            reload_ns = int(getattr(session, "last_reload_ns", 0) or 0)
+            if reload_ns:
+                stats = dataclasses.replace(stats, reload_ns=reload_ns)
             log.info(
                 "generate id=%s ended: %s, %d prompt tokens fed, %d generated",
                 request_id,
