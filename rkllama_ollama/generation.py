@@ -132,7 +132,10 @@ class Generator:
             num_ctx = min(num_ctx, entry.context_length) if entry.format == "rkllm" else num_ctx
         if embedding and entry.max_context_length:  # like Ollama: embeddings never exceed the trained context
             num_ctx = min(num_ctx, entry.max_context_length)
-        params = {k: v for k, v in merged.items() if k not in LOAD_OPTIONS}
+        # Init-time defaults come from the Modelfile only: per-request sampling travels in SamplingOptions,
+        # so a request's options never change the LoadSpec (which would reload the model).
+        modelfile_defaults = layer_options(entry.modelfile.parameters, {})
+        params = {k: v for k, v in modelfile_defaults.items() if k not in LOAD_OPTIONS}
         return LoadSpec(
             engine="rkllm" if entry.format == "rkllm" else "llamacpp",
             model_path=str(entry.weights),

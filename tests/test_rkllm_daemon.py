@@ -23,10 +23,6 @@ from tests.rkllm_support.sim import (
 )
 from tests.support.daemon import Daemon
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|im_end|>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 REPLY = "Grüße, 世界! 🙂 — ok."
 LONG_REPLY = "lorem ipsum " * 400  # 4800 bytes at 2 ms each: ~10 s if nobody stops it
 
@@ -37,10 +33,6 @@ def add_model(store: Path, name: str, *, tokenizer: bool = False, **keys: object
     (folder / "Modelfile").write_text('FROM="sim.rkllm"\nTEMPERATURE=0.7\n', encoding="utf-8")
     if tokenizer:
         write_byte_tokenizer(folder / "tokenizer")
-        config_path = folder / "tokenizer" / "tokenizer_config.json"
-        config = json.loads(config_path.read_text())
-        config["chat_template"] = CHAT_TEMPLATE
-        config_path.write_text(json.dumps(config))
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

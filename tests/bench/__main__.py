@@ -6,6 +6,8 @@ shared and noisy. Results are printed and written to tests/bench/results/latest.
 1. Decode rate through the HTTP stream vs the same engine called directly (same model, prompt, seed,
    num_predict, threads): rate = (tokens - 1) / (time of last token - time of first token).
 2. Idle RSS of the server process, and the time from process start to the first answer on `/`.
+3. RKLLM on the simulator: daemon CPU per token, TTFT added, prefill with and without prefix reuse
+   (see tests/bench/rkllm.py).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import ollama
 
 from rkllama_ollama.chat.template import ChatTemplate
 from rkllama_ollama.runtime.base import LoadSpec, SamplingOptions
+from tests.bench import rkllm as rkllm_bench
 from tests.support.daemon import Daemon
 from tests.support.tiny_gguf import write_tiny_gguf
 
@@ -142,6 +145,7 @@ def main() -> None:
         results["decode_tiny"] = bench_decode(
             store, "tiny", store / "tiny" / "tiny.gguf", args.rounds, args.tokens
         )
+        results["rkllm_sim"] = rkllm_bench.run(Path(tmp) / "rkllm", args.rounds)
         smol = embedded_gguf()
         if smol is not None:
             results["decode_smollm2"] = bench_decode(store, "smollm2:135m", smol, args.rounds, args.tokens)

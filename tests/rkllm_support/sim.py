@@ -48,7 +48,10 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 EOS_TOKEN = "<|im_end|>"
 EOS_ID = 256
-CHAT_TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|im_end|>{% endfor %}"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|im_end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 def write_byte_tokenizer(folder: Path) -> Path:

@@ -1,0 +1,141 @@
+"""RKLLM benchmarks on the simulator (no board needed).
+
+(a) The daemon's own CPU time per streamed token: server + runner CPU (from /proc) during one long
+    streamed reply on the simulator with zero delay, divided by eval_count. Goal <= 50 us/token.
+(b) Time to first token added by the daemon on a device-like profile (token_delay_ms=60,
+    prefill_us_per_token=2000): client-side TTFT through HTTP minus the TTFT of the same session called
+    directly in-process, same prompt, measured A B A B. Goal <= 10 ms.
+(c) Tokens prefilled over a 10-turn chat on 1.2.1 (prefix reuse) vs 1.1.4 (no keep_history: the
+    whole prompt every turn).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import ollama
+
+from rkllama_ollama.runtime.base import LoadSpec, SamplingOptions
+from tests.rkllm_support.sim import build_simulators, write_byte_tokenizer, write_model
+from tests.support.daemon import Daemon
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
+
+
+def _model(store: Path, name: str, *, tokenizer: bool = False, **keys: object) -> Path:
+    folder = store / name
+    path = write_model(folder, **keys)
+    (folder / "Modelfile").write_text('FROM="sim.rkllm"\n', encoding="utf-8")
+    if tokenizer:
+        write_byte_tokenizer(folder / "tokenizer")
+    return path
+
+
+def cpu_per_token(store: Path, tokens: int) -> dict[str, Any]:
+    _model(store, "fast", reply="x" * tokens, token_delay_ms=0)
+    daemon = Daemon(store, env={"RKLLAMA_RKLLM_LIB": str(build_simulators()["E"])}).start()
+    try:
+        client = ollama.Client(host=daemon.url)
+        client.chat("fast", messages=[])  # load
+        assert daemon.process is not None
+        pids = [daemon.process.pid, *daemon.runner_pids()]
+        per_token: list[float] = []
+        for _ in range(3):
+            before = sum(cpu_seconds(pid) for pid in pids)
+            final = None
+            for chunk in client.chat("fast", messages=[{"role": "user", "content": "go"}], stream=True):
+                final = chunk
+            after = sum(cpu_seconds(pid) for pid in pids)
+            assert final is not None and final.eval_count
+            per_token.append((after - before) / final.eval_count * 1e6)
+    finally:
+        daemon.stop()
+    return {
+        "tokens": tokens,
+        "cpu_us_per_token": [round(x, 1) for x in per_token],
+        "median": statistics.median(per_token),
+    }
+
+
+def ttft_added(store: Path, rounds: int) -> dict[str, Any]:
+    from rkllama_ollama.chat.template import ChatTemplate
+    from rkllama_ollama.runtime.rkllm.session import RkllmRuntime
+
+    library = build_simulators()["E"]
+    path = _model(
+        store, "device", reply="Hello there, how can I help?", token_delay_ms=60, prefill_us_per_token=2000
+    )
+    messages = [{"role": "user", "content": "Tell me about the weather in a few words. " * 3}]
+    prompt = ChatTemplate("").render(messages)
+    daemon = Daemon(store, env={"RKLLAMA_RKLLM_LIB": str(library)}).start()
+    direct: list[float] = []
+    http: list[float] = []
+    try:
+        client = ollama.Client(host=daemon.url)
+        for _ in range(rounds):
+            session = RkllmRuntime(str(library)).load(
+                LoadSpec(engine="rkllm", model_path=str(path), num_ctx=4096)
+            )
+            first: list[int] = []
+            started = time.perf_counter_ns()
+            session.generate(
+                prompt,
+                SamplingOptions(num_predict=1),
+                lambda _t, out=first: out.append(time.perf_counter_ns()),
+            )
+            direct.append((first[0] - started) / 1e6)
+            session.close()
+            client.chat("device", messages=[], keep_alive=0)  # unload so the next chat starts cold on KV
+            client.chat("device", messages=[])  # load (not timed)
+            started = time.perf_counter_ns()
+            for chunk in client.chat("device", messages=messages, stream=True, options={"num_predict": 1}):
+                if chunk.message.content:
+                    http.append((time.perf_counter_ns() - started) / 1e6)
+                    break
+    finally:
+        daemon.stop()
+    added = [h - d for h, d in zip(http, direct, strict=True)]
+    return {
+        "direct_ttft_ms": [round(x, 1) for x in direct],
+        "http_ttft_ms": [round(x, 1) for x in http],
+        "added_ms_median": round(statistics.median(added), 1),
+    }
+
+
+def prefill_over_turns(store: Path, turns: int) -> dict[str, Any]:
+    _model(store, "chat", tokenizer=True, reply="Sure, here it is.")
+    result: dict[str, Any] = {}
+    for family, label in (("E", "prefix_reuse_1.2.1"), ("C", "no_reuse_1.1.4")):
+        daemon = Daemon(store, env={"RKLLAMA_RKLLM_LIB": str(build_simulators()[family])}).start()
+        try:
+            client = ollama.Client(host=daemon.url)
+            messages: list[dict[str, str]] = []
+            fed = 0
+            for turn in range(turns):
+                messages.append({"role": "user", "content": f"Question {turn}: tell me more about it."})
+                reply = client.chat("chat", messages=messages)
+                messages.append({"role": "assistant", "content": reply.message.content})
+                fed += reply.prompt_eval_count or 0
+        finally:
+            daemon.stop()
+        result[label] = fed
+    result["ratio"] = round(result["prefix_reuse_1.2.1"] / result["no_reuse_1.1.4"], 3)
+    return result
+
+
+def run(store: Path, rounds: int) -> dict[str, Any]:
+    return {
+        "cpu_per_token": cpu_per_token(store, 20000),
+        "ttft_added": ttft_added(store, rounds),
+        "prefill_10_turns": prefill_over_turns(store, 10),
+    }
