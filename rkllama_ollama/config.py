@@ -55,6 +55,8 @@ class Settings:
     rkllm_version: str | None = None
     log_level: str = "INFO"
     debug: bool = False
+    api_key: str | None = None  # RKLLAMA_API_KEY: `Authorization: Bearer <key>` required when set
+    origins: tuple[str, ...] = ()  # RKLLAMA_ORIGINS: browser origins allowed besides Ollama's defaults
 
     @property
     def base_url(self) -> str:
@@ -87,6 +89,10 @@ def _bool(env: Mapping[str, str], key: str, default: bool) -> bool:
     raise ConfigError(f"{key} must be true or false, got {raw!r}")
 
 
+def _list(raw: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
 def settings_from_env(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     base = Settings()
@@ -114,4 +120,6 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> Settings:
         rkllm_version=env.get("RKLLAMA_RKLLM_VERSION") or None,
         log_level="DEBUG" if debug else (env.get("RKLLAMA_LOG_LEVEL") or base.log_level).upper(),
         debug=debug,
+        api_key=env.get("RKLLAMA_API_KEY", "").strip() or None,
+        origins=_list(env.get("RKLLAMA_ORIGINS") or env.get("OLLAMA_ORIGINS") or ""),
     )

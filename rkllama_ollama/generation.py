@@ -14,9 +14,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
 
 from rkllama_ollama.chat.parse import OutputPipeline, ToolCall
 from rkllama_ollama.chat.template import ChatTemplate, TemplateError
@@ -25,6 +25,13 @@ from rkllama_ollama.options import layer_options, sampling_from
 from rkllama_ollama.runtime.base import GenerationStats, LoadSpec, RuntimeFailure
 from rkllama_ollama.runtime.runner import Finished, Piece, RunnerDied
 from rkllama_ollama.scheduler import LoadedModel, Scheduler
+from rkllama_ollama.structured import (
+    Format,
+    InvalidStructuredAnswer,
+    guided_messages,
+    schema_text,
+    validated_answer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +56,7 @@ class GenerationRequest:
     options: dict[str, Any] = field(default_factory=dict)  # validated request options
     keep_alive_s: float | None = None
     interactive: bool = True  # streaming requests go ahead of queued non-streaming ones
+    format: Format | None = None  # structured output: "json" or a JSON schema (already checked)
 
 
 @dataclass(frozen=True)
@@ -117,11 +125,53 @@ def l2_normalised(vector: list[float], dimensions: int | None = None) -> list[fl
     return [value / norm for value in vector] if norm > 0 else [0.0 for _ in vector]
 
 
+class GenerationObserver(Protocol):
+    """Hooks for metrics and request logs, called in the requesting task. They must be cheap and not raise."""
+
+    def generation_started(self, model: str) -> None: ...
+
+    def model_loaded(self, model: str, engine: str, load_ns: int) -> None:
+        """A runner actually loaded the model (not called when it was already loaded)."""
+
+    def first_piece(self, model: str, ttft_ns: int) -> None:
+        """The first output piece, `ttft_ns` after the request reached the Generator."""
+
+    def next_piece(self, model: str, gap_ns: int) -> None:
+        """Every later output piece, `gap_ns` after the previous one."""
+
+    def generation_finished(self, model: str, stats: GenerationStats) -> None: ...
+
+
+class NullObserver:
+    def generation_started(self, model: str) -> None:
+        pass
+
+    def model_loaded(self, model: str, engine: str, load_ns: int) -> None:
+        pass
+
+    def first_piece(self, model: str, ttft_ns: int) -> None:
+        pass
+
+    def next_piece(self, model: str, gap_ns: int) -> None:
+        pass
+
+    def generation_finished(self, model: str, stats: GenerationStats) -> None:
+        pass
+
+
 class Generator:
-    def __init__(self, scheduler: Scheduler, *, default_num_ctx: int, num_threads: int) -> None:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        *,
+        default_num_ctx: int,
+        num_threads: int,
+        observer: GenerationObserver | None = None,
+    ) -> None:
         self.scheduler = scheduler
         self.default_num_ctx = default_num_ctx
         self.num_threads = num_threads
+        self.observer: GenerationObserver = observer or NullObserver()
 
     # -- loading --------------------------------------------------------------------------------
 
@@ -195,10 +245,13 @@ class Generator:
         self, entry: ModelEntry, spec: LoadSpec, keep_alive_s: float | None
     ) -> LoadedModel:
         try:
-            return await self.scheduler.ensure_loaded(entry, spec, keep_alive_s)
+            loaded = await self.scheduler.ensure_loaded(entry, spec, keep_alive_s)
         except RunnerDied:
             self.scheduler.forget_dead_runner()
             raise
+        if loaded.load_ns:
+            self.observer.model_loaded(entry.name.display, spec.engine, loaded.load_ns)
+        return loaded
 
     @staticmethod
     def template_for(loaded: LoadedModel) -> ChatTemplate:
@@ -243,18 +296,29 @@ class Generator:
                 len(tools),
             )
             tools = None
+        guide = request.format is not None and not self._constrains(request.entry)
         if request.messages is not None:
-            prompt = template.render(self._chat_messages(request), tools=tools, think=think)
+            messages = self._chat_messages(request)
+            if guide:
+                messages = guided_messages(messages, request.format)
+            prompt = template.render(messages, tools=tools, think=think)
         elif request.raw:
             prompt = request.prompt or ""
         else:
             system = request.system if request.system is not None else request.entry.modelfile.system
             messages = [{"role": "system", "content": system}] if system else []
             messages.append({"role": "user", "content": request.prompt or ""})
+            if guide:
+                messages = guided_messages(messages, request.format)
             prompt = template.render(messages, tools=None, think=think)
         if request.context:  # like Ollama: the earlier exchange goes before the new rendered prompt
             prompt = await loaded.runner.detokenize(request.context) + prompt
         return self._without_double_bos(prompt, loaded)
+
+    @staticmethod
+    def _constrains(entry: ModelEntry) -> bool:
+        """Whether the model's engine constrains decoding to a JSON schema (llama.cpp grammars)."""
+        return entry.format != "rkllm"
 
     @staticmethod
     def _without_double_bos(prompt: str, loaded: LoadedModel) -> str:
@@ -272,6 +336,8 @@ class Generator:
         options = layer_options(entry.modelfile.parameters, request.options)
         spec = self.load_spec(entry, request.options)
         think_arg = request.think if request.think is not None else ("thinking" in entry.capabilities or None)
+        model = entry.name.display
+        self.observer.generation_started(model)
         async with self.scheduler.turn(interactive=request.interactive):
             loaded = await self._ensure_loaded(entry, spec, request.keep_alive_s)
             load_ns = time.perf_counter_ns() - started  # like Ollama: request start until the model is ready
@@ -291,16 +357,28 @@ class Generator:
                 stops=list(options.get("stop") or []),
             )
             sampling = sampling_from(options)
+            held: _HeldAnswer | None = None
+            if request.format is not None and self._constrains(entry):
+                sampling = replace(sampling, json_schema=schema_text(request.format))
+            elif request.format is not None:
+                held = _HeldAnswer(request.format)
             stats: GenerationStats | None = None
             stopped = False
+            last_piece_ns = 0
             generation = loaded.runner.generate(prompt, sampling)
             try:
                 async for item in generation:
                     if isinstance(item, Piece):
                         if stopped:
                             continue  # tokens produced between our abort and the runner seeing it
-                        for event in pipeline.feed(item.text):
-                            yield _wrap(event)
+                        now_ns = time.perf_counter_ns()
+                        if last_piece_ns:
+                            self.observer.next_piece(model, now_ns - last_piece_ns)
+                        else:
+                            self.observer.first_piece(model, now_ns - started)
+                        last_piece_ns = now_ns
+                        for event in _passed(held, pipeline.feed(item.text)):
+                            yield event
                         if pipeline.stopped:
                             stopped = True
                             generation.abort()
@@ -312,13 +390,51 @@ class Generator:
             finally:
                 await generation.aclose()
             if not stopped:
-                for event in pipeline.flush():
-                    yield _wrap(event)
+                for event in _passed(held, pipeline.flush()):
+                    yield event
+            answer = held.release() if held is not None else None
+            if answer is not None:
+                yield answer
             if stats is None:
                 raise RuntimeFailure("generation ended without statistics")
+            self.observer.generation_finished(model, stats)
             self.scheduler.touch(request.keep_alive_s)
             reason = "stop" if stopped or stats.done_reason in ("stop", "abort") else stats.done_reason
             yield Done(reason, stats, load_ns + stats.reload_ns, time.perf_counter_ns() - started)
+
+
+class _HeldAnswer:
+    """Structured output on an engine that cannot constrain decoding: the answer is held back and
+    released only once it is JSON matching the format; otherwise the request fails."""
+
+    def __init__(self, fmt: Format) -> None:
+        self.fmt = fmt
+        self.parts: list[str] = []
+        self.tool_calls = 0
+
+    def release(self) -> Content | None:
+        """The validated answer; None when the model answered with tool calls only."""
+        if self.tool_calls and not "".join(self.parts).strip():
+            return None
+        try:
+            return Content(validated_answer("".join(self.parts), self.fmt))
+        except InvalidStructuredAnswer as exc:
+            log.warning("structured output rejected: %s", exc)
+            raise RuntimeFailure(str(exc)) from None
+
+
+def _passed(held: _HeldAnswer | None, events: Iterable[tuple[str, Any]]) -> list[Event]:
+    """The parser's events as Events; answer text goes to `held` instead when the answer is held back."""
+    passed: list[Event] = []
+    for event in events:
+        wrapped = _wrap(event)
+        if held is not None and isinstance(wrapped, Content):
+            held.parts.append(wrapped.text)
+            continue
+        if held is not None and isinstance(wrapped, ToolCallEvent):
+            held.tool_calls += 1
+        passed.append(wrapped)
+    return passed
 
 
 def _wrap(event: tuple[str, Any]) -> Event:

@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from rkllama_ollama.api import wire
 from rkllama_ollama.api.context import CONTEXT_KEY, AppContext
+from rkllama_ollama.api.metrics import (
+    METRICS_KEY,
+    Metrics,
+    MetricsObserver,
+    add_request_id_header,
+    observe_middleware,
+)
+from rkllama_ollama.api.native import NativeApi
 from rkllama_ollama.api.ollama import OllamaApi
+from rkllama_ollama.api.openai import OpenAiApi
+from rkllama_ollama.api.security import install_security, security_middlewares
+from rkllama_ollama.api.shutdown import InFlightRequests
 from rkllama_ollama.config import Settings
 from rkllama_ollama.generation import Generator
 from rkllama_ollama.models.names import InvalidModelName
@@ -19,7 +29,6 @@ from rkllama_ollama.models.store import Store
 from rkllama_ollama.scheduler import Scheduler, runner_environment
 
 log = logging.getLogger(__name__)
-access_log = logging.getLogger("rkllama_ollama.access")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -34,40 +43,26 @@ def _error(
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    started = time.perf_counter()
-    status = 500
+    """Exceptions -> error bodies. The request log line is written by api/metrics.observe_middleware."""
     try:
-        response = await handler(request)
-        status = response.status
-        return response
+        return await handler(request)
     except wire.BadRequest as exc:
-        status = exc.status
         return _error(request, exc.status, exc.message)
     except InvalidModelName as exc:
-        status = 400
         return _error(request, 400, str(exc) or "invalid model name")
     except web.HTTPNotFound:
-        status = 404
         return web.Response(status=404, text="404 page not found", content_type="text/plain")
     except web.HTTPMethodNotAllowed:
-        status = 405
         return web.Response(status=405, text="405 method not allowed", content_type="text/plain")
     except web.HTTPRequestEntityTooLarge as exc:
-        status = 413
         return _error(request, 413, f"request body too large: {exc.text}")
     except web.HTTPException as exc:
-        status = exc.status
         return _error(request, exc.status, exc.reason)
     except (asyncio.CancelledError, ConnectionResetError):
-        status = 499  # the client went away; nothing more to send
-        raise
+        raise  # the client went away; nothing more to send
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return _error(request, 500, "internal server error")
-    finally:
-        access_log.info(
-            "%s %s %d %.1fms", request.method, request.path, status, (time.perf_counter() - started) * 1000
-        )
 
 
 def build_context(settings: Settings) -> AppContext:
@@ -85,9 +80,25 @@ def build_context(settings: Settings) -> AppContext:
 
 def create_app(settings: Settings, ctx: AppContext | None = None) -> web.Application:
     ctx = ctx or build_context(settings)
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[error_middleware])
+    metrics = Metrics(ctx.scheduler)
+    ctx.generator.observer = MetricsObserver(metrics)
+    in_flight = InFlightRequests()
+    middlewares = [
+        observe_middleware(metrics),  # outermost: sees the final status of every request
+        error_middleware,
+        *security_middlewares(settings),
+        in_flight.middleware,  # innermost: a shutdown ends the handler with a last word
+    ]
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=middlewares)
     app[CONTEXT_KEY] = ctx
+    app[METRICS_KEY] = metrics
+    app.add_routes(metrics.routes())
+    app.on_response_prepare.append(add_request_id_header)
+    install_security(app)
+    in_flight.install(app)
     app.add_routes(OllamaApi(ctx).routes())
+    app.add_routes(OpenAiApi(ctx).routes())
+    app.add_routes(NativeApi(ctx).routes())
 
     async def on_startup(app: web.Application) -> None:
         ctx.store.hash_pending_in_background()

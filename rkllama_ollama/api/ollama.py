@@ -8,29 +8,39 @@ import logging
 import math
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 from rkllama_ollama.api import wire
+from rkllama_ollama.api.blobs import BlobStore, parse_digest
 from rkllama_ollama.api.context import AppContext
+from rkllama_ollama.api.pulling import pull_request_fields, respond_pull
 from rkllama_ollama.api.wire import BadRequest, field_of
 from rkllama_ollama.durations import parse_keep_alive
 from rkllama_ollama.generation import (
     CapabilityError,
     Content,
     Done,
+    Embeddings,
     Event,
     GenerationRequest,
+    InputTooLong,
     Loaded,
     Thinking,
     ToolCallEvent,
+    l2_normalised,
 )
-from rkllama_ollama.models.store import ModelEntry, ModelNotFound
-from rkllama_ollama.options import OptionError, validate_options
+from rkllama_ollama.models.modelfile import Modelfile, ModelfileError, parse_modelfile
+from rkllama_ollama.models.names import InvalidModelName, ModelName, parse_name
+from rkllama_ollama.models.store import WEIGHT_SUFFIXES, ModelEntry, ModelNotFound, StoreError
+from rkllama_ollama.options import KNOWN_OPTIONS, OptionError, validate_options
 from rkllama_ollama.runtime.base import RuntimeFailure
 from rkllama_ollama.scheduler import QueueFull
+from rkllama_ollama.structured import Format, FormatError, check_format
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +74,11 @@ def parse_think(body: dict[str, Any]) -> bool | str | None:
     raise BadRequest('"think" must be a boolean or one of "low", "medium", "high"')
 
 
-def parse_format(body: dict[str, Any]) -> str | dict[str, Any] | None:
-    value = body.get("format")
-    if value is None or value == "":
-        return None
-    if value == "json" or isinstance(value, dict):
-        return value
-    raise BadRequest(
-        f'invalid format {orjson.dumps(value).decode()}; expected "json" or a valid JSON Schema object'
-    )
+def parse_format(body: dict[str, Any]) -> Format | None:
+    try:
+        return check_format(body.get("format"))
+    except FormatError as exc:
+        raise BadRequest(str(exc)) from None
 
 
 def parse_options(body: dict[str, Any]) -> dict[str, Any]:
@@ -210,6 +216,7 @@ def _tool_call_json(event: ToolCallEvent) -> dict[str, Any]:
 class OllamaApi:
     def __init__(self, ctx: AppContext) -> None:
         self.ctx = ctx
+        self.blobs = BlobStore(ctx.store.root)
 
     def routes(self) -> list[web.AbstractRouteDef]:
         return [
@@ -220,6 +227,15 @@ class OllamaApi:
             web.get("/api/ps", self.ps),
             web.post("/api/generate", self.generate),
             web.post("/api/chat", self.chat),
+            web.post("/api/embed", self.embed),
+            web.post("/api/embeddings", self.embeddings),
+            web.post("/api/copy", self.copy),
+            web.delete("/api/delete", self.delete),
+            web.post("/api/create", self.create),
+            web.head("/api/blobs/{digest}", self.blob_exists),
+            web.post("/api/blobs/{digest}", self.blob_upload),
+            web.post("/api/push", self.push),
+            web.post("/api/pull", self.pull),
         ]
 
     async def root(self, request: web.Request) -> web.Response:
@@ -306,7 +322,7 @@ class OllamaApi:
         images = field_of(body, "images", list, "an array of base64 strings")
         keep_alive = parse_keep_alive_field(body)
         think = parse_think(body)
-        parse_format(body)
+        fmt = parse_format(body)
         options = parse_options(body)
         top_logprobs = field_of(body, "top_logprobs", int, "an integer")
         if top_logprobs is not None and not 0 <= top_logprobs <= 20:
@@ -340,6 +356,7 @@ class OllamaApi:
             options=options,
             keep_alive_s=keep_alive,
             interactive=stream is not False,
+            format=fmt,
         )
 
         def chunk(event: Event) -> dict[str, Any]:
@@ -375,7 +392,7 @@ class OllamaApi:
         tools = parse_tools(body)
         keep_alive = parse_keep_alive_field(body)
         think = parse_think(body)
-        parse_format(body)
+        fmt = parse_format(body)
         options = parse_options(body)
         top_logprobs = field_of(body, "top_logprobs", int, "an integer")
         if top_logprobs is not None and not 0 <= top_logprobs <= 20:
@@ -401,6 +418,7 @@ class OllamaApi:
             options=options,
             keep_alive_s=keep_alive,
             interactive=stream is not False,
+            format=fmt,
         )
 
         def chunk(event: Event) -> dict[str, Any]:
@@ -426,6 +444,188 @@ class OllamaApi:
             return reply
 
         return await self._respond(request, gen, stream is not False, chunk, final)
+
+    # -- embeddings -----------------------------------------------------------------------------
+
+    async def _embedding_model(self, label: str) -> ModelEntry:
+        if not label:
+            raise BadRequest("model is required")
+        try:
+            return await self.resolve(label)
+        except ModelNotFound:
+            raise BadRequest(f'model "{label}" not found, try pulling it first', 404) from None
+
+    async def _embed(
+        self, entry: ModelEntry, inputs: list[str], truncate: bool, body: dict[str, Any]
+    ) -> Embeddings | web.Response:
+        options = parse_options(body)
+        keep_alive = parse_keep_alive_field(body)
+        try:
+            return await self.ctx.generator.embed(
+                entry, inputs, truncate=truncate, options=options, keep_alive_s=keep_alive
+            )
+        except QueueFull as exc:
+            return wire.error_response(503, str(exc), headers={"Retry-After": "1"})
+        except InputTooLong as exc:
+            return wire.error_response(400, str(exc))
+        except RuntimeFailure as exc:
+            return wire.error_response(500, str(exc))
+
+    async def embed(self, request: web.Request) -> web.Response:
+        body = await wire.read_json_body(request)
+        label = model_field(body)
+        inputs = embed_inputs(body.get("input"))
+        truncate = field_of(body, "truncate", bool, "a boolean")
+        dimensions = field_of(body, "dimensions", int, "an integer")
+        if dimensions is not None and dimensions <= 0:
+            raise BadRequest("dimensions must be greater than 0")
+        parse_options(body)
+        parse_keep_alive_field(body)
+        entry = await self._embedding_model(label)
+        result = await self._embed(entry, inputs, truncate is not False, body)
+        if isinstance(result, web.Response):
+            return result
+        if not inputs:
+            return wire.json_response({"model": label, "embeddings": []})
+        try:
+            vectors = [l2_normalised(vector, dimensions) for vector in result.vectors]
+        except RuntimeFailure as exc:
+            return wire.error_response(500, str(exc))
+        reply: dict[str, Any] = {
+            "model": label,
+            "embeddings": vectors,
+            "total_duration": max(1, result.total_ns),
+            "load_duration": max(1, result.load_ns),
+        }
+        if result.prompt_tokens:
+            reply["prompt_eval_count"] = result.prompt_tokens
+        return wire.json_response(reply)
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        """The legacy single embedding: not normalised; an empty prompt only loads the model."""
+        body = await wire.read_json_body(request)
+        label = model_field(body)
+        prompt = field_of(body, "prompt", str, "a string") or ""
+        parse_options(body)
+        parse_keep_alive_field(body)
+        entry = await self._embedding_model(label)
+        result = await self._embed(entry, [prompt] if prompt else [], True, body)
+        if isinstance(result, web.Response):
+            return result
+        vector = result.vectors[0] if prompt else []
+        if not all(math.isfinite(value) for value in vector):
+            return wire.error_response(500, "the embedding contains NaN or infinite values")
+        return wire.json_response({"embedding": vector})
+
+    # -- model management -----------------------------------------------------------------------
+
+    async def _unload_before_replacing(self, name: ModelName) -> None:
+        """A model about to be replaced on disk must not keep serving its old weights."""
+        loaded = self.ctx.scheduler.loaded
+        if loaded is not None and loaded.key == name.key:
+            await self.ctx.scheduler.unload_if_loaded(name.key)
+
+    async def copy(self, request: web.Request) -> web.Response:
+        body = await wire.read_json_body(request)
+        source = field_of(body, "source", str, "a string") or ""
+        destination = field_of(body, "destination", str, "a string") or ""
+        names = {}
+        for role, text in (("source", source), ("destination", destination)):
+            try:
+                names[role] = parse_name(text)
+            except InvalidModelName:
+                raise BadRequest(f'{role} "{text}" is invalid') from None
+        await self._unload_before_replacing(names["destination"])
+        try:
+            await asyncio.to_thread(self.ctx.store.copy, names["source"], names["destination"])
+        except ModelNotFound:
+            return wire.error_response(404, f'model "{source}" not found')
+        except StoreError as exc:
+            return wire.error_response(500, str(exc))
+        log.info("model copied source=%s destination=%s", source, destination)
+        return wire.empty_response(200)
+
+    async def delete(self, request: web.Request) -> web.Response:
+        body = await wire.read_json_body(request)
+        label = model_field(body)
+        if not label:
+            raise BadRequest("model is required")
+        try:
+            await delete_model(self.ctx, label)
+        except ModelNotFound:
+            return wire.error_response(404, f"model '{label}' not found")
+        except StoreError as exc:
+            return wire.error_response(500, str(exc))
+        return wire.empty_response(200)
+
+    async def create(self, request: web.Request) -> web.StreamResponse:
+        body = await wire.read_json_body(request)
+        plan = parse_create(body)
+        stream = field_of(body, "stream", bool, "a boolean")
+        statuses: list[dict[str, Any]] = []
+        base_entry: ModelEntry | None = None
+        blob_path: Path | None = None
+        weights_name: str | None = None
+        if plan.blob is not None:
+            hex_digest, weights_name = plan.blob
+            if not self.blobs.exists(hex_digest):
+                raise BadRequest(f'blob "sha256:{hex_digest}" not found')
+            blob_path = self.blobs.path_of(hex_digest)
+            if weights_name is None:
+                weights_name = "model" + await asyncio.to_thread(self.blobs.weights_suffix, hex_digest)
+            if weights_name.lower().endswith(".gguf"):
+                statuses.append({"status": "parsing GGUF"})
+            statuses.append({"status": f"using existing layer sha256:{hex_digest}"})
+        if plan.base is not None:
+            try:
+                base_entry = await self.resolve(plan.base)
+            except ModelNotFound:
+                return wire.error_response(404, f'model "{plan.base}" not found')
+            if blob_path is None:
+                statuses.append({"status": f"using existing layer sha256:{base_entry.digest}"})
+        await self._unload_before_replacing(plan.name)
+        try:
+            entry = await asyncio.to_thread(
+                self.ctx.store.create_from_modelfile,
+                plan.name,
+                plan.modelfile,
+                base_entry,
+                weights_file=blob_path,
+                weights_name=weights_name,
+            )
+        except StoreError as exc:
+            raise BadRequest(str(exc)) from None
+        log.info("model created name=%s from=%s", entry.name.display, plan.base or weights_name)
+        statuses += [{"status": "writing manifest"}, {"status": "success"}]
+        if stream is False:
+            return wire.json_response(statuses[-1], charset=False)
+        out = wire.NdjsonStream(request)
+        for status in statuses:
+            await out.send(status)
+        return await out.finish()
+
+    async def blob_exists(self, request: web.Request) -> web.Response:
+        hex_digest = parse_digest(request.match_info["digest"])
+        if await asyncio.to_thread(self.blobs.exists, hex_digest):
+            return wire.empty_response(200)
+        return wire.error_response(404, f'blob "sha256:{hex_digest}" not found')
+
+    async def blob_upload(self, request: web.Request) -> web.Response:
+        hex_digest = parse_digest(request.match_info["digest"])
+        if await asyncio.to_thread(self.blobs.exists, hex_digest):
+            return wire.empty_response(200)
+        await self.blobs.receive(hex_digest, request.content)
+        return wire.empty_response(201)
+
+    async def pull(self, request: web.Request) -> web.StreamResponse:
+        name, stream = pull_request_fields(await wire.read_json_body(request, allow_empty=True))
+        return await respond_pull(request, self.ctx.store, name, stream)
+
+    async def push(self, request: web.Request) -> web.Response:
+        body = await wire.read_json_body(request, allow_empty=True)
+        if not model_field(body):
+            raise BadRequest("model is required")
+        raise BadRequest("push is not supported")
 
     # -- shared ---------------------------------------------------------------------------------
 
@@ -539,3 +739,141 @@ async def _first_output(events: AsyncIterator[Event]) -> Event:
         if not isinstance(event, Loaded):
             return event
     raise RuntimeFailure("generation ended without a result")
+
+
+# ------------------------------------------------------------------------------------------------
+# Embeddings and model management: request parsing and shared operations
+# ------------------------------------------------------------------------------------------------
+
+
+def embed_inputs(value: Any) -> list[str]:
+    """`/api/embed` input: a string or an array of strings; "" and [] (and absent) mean none."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return list(value)
+    raise BadRequest("invalid input type")
+
+
+async def delete_model(ctx: AppContext, name: str) -> ModelEntry:
+    """Delete a model, unloading it first (after any request running on the session has finished).
+
+    Shared by `DELETE /api/delete` and the seed's `DELETE /rm`. Raises ModelNotFound.
+    """
+    entry = await asyncio.to_thread(ctx.store.resolve, name)
+    await ctx.scheduler.unload_if_loaded(entry.name.key)
+    await asyncio.to_thread(ctx.store.delete, entry.name)
+    return entry
+
+
+@dataclass
+class CreatePlan:
+    """A validated `/api/create` request."""
+
+    name: ModelName
+    modelfile: Modelfile  # fields that override the base model's (FROM left empty)
+    base: str | None = None  # an existing model to derive from
+    blob: tuple[str, str | None] | None = None  # (sha256 hex, weights file name or None = detect)
+
+
+def _create_blob_from_files(files: dict[str, Any]) -> tuple[str, str | None]:
+    weights: list[tuple[str, str]] = []
+    for file_name, digest in files.items():
+        path = PurePosixPath(file_name.replace("\\", "/"))
+        if not file_name or path.is_absolute() or ".." in path.parts:
+            raise BadRequest("file path must be relative")
+        if not isinstance(digest, str):
+            raise BadRequest("invalid digest format")
+        hex_digest = parse_digest(digest)
+        if not path.name.lower().endswith(WEIGHT_SUFFIXES):
+            raise BadRequest(
+                f"unsupported file {file_name!r}: only *.gguf and *.rkllm weights can be imported"
+            )
+        weights.append((hex_digest, path.name))
+    if len(weights) != 1:
+        raise BadRequest("exactly one weights file (*.gguf or *.rkllm) must be given in 'files'")
+    return weights[0]
+
+
+def _create_parameters(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Known options typed and checked; unknown keys kept as text (Ollama passes them through)."""
+    known = {key: value for key, value in raw.items() if key in KNOWN_OPTIONS}
+    extra = {
+        str(key): value if isinstance(value, str) else orjson.dumps(value).decode()
+        for key, value in raw.items()
+        if key not in KNOWN_OPTIONS and value is not None
+    }
+    try:
+        return validate_options(known), extra
+    except OptionError as exc:
+        raise BadRequest(str(exc)) from None
+
+
+def _create_messages(raw: list[Any]) -> list[dict[str, str]]:
+    messages = []
+    for index, message in enumerate(raw):
+        if not isinstance(message, dict):
+            raise BadRequest(f"messages[{index}] must be an object")
+        role = message.get("role")
+        content = message.get("content") or ""
+        if not isinstance(role, str) or role.lower() not in VALID_ROLES:
+            raise BadRequest(f'messages[{index}].role must be one of "system", "user", "assistant", "tool"')
+        if not isinstance(content, str):
+            raise BadRequest(f"messages[{index}].content must be a string")
+        messages.append({"role": role.lower(), "content": content})
+    return messages
+
+
+def parse_create(body: dict[str, Any]) -> CreatePlan:
+    """Validate an `/api/create` body (current JSON fields, or the legacy `modelfile` text)."""
+    label = model_field(body)
+    if not label:
+        raise BadRequest("model is required")
+    name = parse_name(label)
+    if body.get("quantize") or body.get("quantization"):
+        raise BadRequest("quantization is not supported")
+    if body.get("adapters"):
+        raise BadRequest("adapters are not supported")
+    text = field_of(body, "modelfile", str, "a string")
+    try:
+        modelfile = parse_modelfile(text) if text else Modelfile()
+    except ModelfileError as exc:
+        raise BadRequest(str(exc)) from None
+    legacy_from, modelfile.from_ = modelfile.from_, ""
+    if modelfile.adapters:
+        raise BadRequest("adapters are not supported")
+    for key in ("system", "template"):
+        value = field_of(body, key, str, "a string")
+        if value is not None:
+            setattr(modelfile, key, value)
+    license_text = body.get("license")
+    if isinstance(license_text, list) and all(isinstance(item, str) for item in license_text):
+        license_text = "\n".join(license_text)
+    if license_text is not None and not isinstance(license_text, str):
+        raise BadRequest('"license" must be a string or an array of strings')
+    if license_text:
+        modelfile.license = license_text
+    parameters = field_of(body, "parameters", dict, "an object")
+    if parameters:
+        known, extra = _create_parameters(parameters)
+        modelfile.parameters.update(known)
+        modelfile.extra.update(extra)
+    messages = field_of(body, "messages", list, "an array of messages")
+    if messages:
+        modelfile.messages = _create_messages(messages)
+    base = field_of(body, "from", str, "a string") or None
+    files = field_of(body, "files", dict, "an object mapping file names to digests")
+    plan = CreatePlan(name=name, modelfile=modelfile, base=base)
+    if files:
+        plan.blob = _create_blob_from_files(files)
+    elif base is None and legacy_from:
+        digest = legacy_from.lstrip("@")
+        if digest.startswith("sha256"):
+            plan.blob = (parse_digest(digest), None)
+        else:
+            plan.base = legacy_from
+    if plan.blob is None and plan.base is None:
+        raise BadRequest("neither 'from' or 'files' was specified")
+    return plan

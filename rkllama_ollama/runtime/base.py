@@ -81,6 +81,9 @@ class SamplingOptions:
     frequency_penalty: float = 0.0
     seed: int = -1  # -1 = random
     grammar: str | None = None  # GBNF grammar (llama.cpp) for structured output
+    # Structured output: a JSON schema as JSON text; engines that can constrain decoding (llama.cpp)
+    # turn it into a grammar inside the runner. Ignored when `grammar` is set.
+    json_schema: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)

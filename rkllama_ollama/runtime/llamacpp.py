@@ -356,10 +356,9 @@ class LlamaCppSession:
                 penalty_sampler = llama_cpp.llama_sampler_chain_get(sampler.sampler, 0)
                 for token in prompt[-last_n:]:
                     llama_cpp.llama_sampler_accept(penalty_sampler, token)
-            if options.grammar:
-                grammar = llama_cpp.llama_sampler_init_grammar(
-                    self._vocab, options.grammar.encode("utf-8"), b"root"
-                )
+            gbnf = options.grammar or (_schema_grammar(options.json_schema) if options.json_schema else None)
+            if gbnf:
+                grammar = llama_cpp.llama_sampler_init_grammar(self._vocab, gbnf.encode("utf-8"), b"root")
                 if not grammar:
                     raise RuntimeFailure("the grammar could not be parsed (GBNF with a 'root' rule expected)")
                 llama_cpp.llama_sampler_chain_add(sampler.sampler, grammar)
@@ -419,6 +418,18 @@ class LlamaCppSession:
             self._llm = None
             self._piece_cache.clear()
             logger.info("model released")
+
+
+def _schema_grammar(schema: str) -> str:
+    """GBNF for a JSON schema (JSON text); the empty schema `{}` means any JSON object (`format: "json"`)."""
+    from llama_cpp import llama_grammar
+
+    try:
+        if schema.strip() in ("{}", ""):
+            return str(llama_grammar.JSON_GBNF)
+        return str(llama_grammar.json_schema_to_gbnf(schema))
+    except Exception as exc:  # the converter raises bare exceptions on schemas it cannot express
+        raise RuntimeFailure(f"cannot turn the JSON schema into a grammar: {exc}") from exc
 
 
 class LlamaCppRuntime:

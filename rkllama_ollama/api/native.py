@@ -1,0 +1,247 @@
+"""The native API of the original RKLLama server (the seed), as its CLI and exo-rkllama use it.
+
+`GET /models`, `POST /load_model`, `POST /unload_model`, `GET /current_model`, `POST /generate` and
+`DELETE /rm` (`GET /` is answered by the Ollama face; `POST /pull` by the pull code). A model's native
+name is its folder name in the store, as in the seed. `/generate` streams one JSON object per event,
+each followed by a blank line, in the seed's shape (`token`, `thinking`, then `finish` with
+`tokens_per_second`) plus the `choices` list exo-rkllama reads. Unknown request fields are ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import aclosing
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from rkllama_ollama.api import wire
+from rkllama_ollama.api.context import AppContext
+from rkllama_ollama.api.ollama import delete_model, parse_messages
+from rkllama_ollama.api.pulling import pull_request_fields, respond_pull
+from rkllama_ollama.api.wire import BadRequest, field_of
+from rkllama_ollama.generation import (
+    CapabilityError,
+    Content,
+    Done,
+    GenerationRequest,
+    Loaded,
+    Thinking,
+)
+from rkllama_ollama.models.names import InvalidModelName, name_from_folder
+from rkllama_ollama.models.store import ModelEntry, ModelNotFound, StoreError
+from rkllama_ollama.runtime.base import RuntimeFailure
+from rkllama_ollama.scheduler import QueueFull
+
+log = logging.getLogger(__name__)
+
+STREAM_CONTENT_TYPE = "application/json"
+LOAD_KEEP_ALIVE_S = -1.0  # the seed keeps a loaded model until /unload_model
+
+
+def native_name(entry: ModelEntry) -> str:
+    """The seed names a model by its folder; the packaged default has none of its own."""
+    return entry.name.display if entry.embedded else entry.folder.name
+
+
+def tokens_per_second(done: Done) -> float:
+    stats = done.stats
+    return round(stats.eval_count / (stats.eval_ns / 1e9), 2) if stats.eval_ns > 0 else 0.0
+
+
+def choice(content: str, finish_reason: str | None) -> list[dict[str, Any]]:
+    return [{"role": "assistant", "content": content, "finish_reason": finish_reason}]
+
+
+class NativeApi:
+    def __init__(self, ctx: AppContext) -> None:
+        self.ctx = ctx
+
+    def routes(self) -> list[web.AbstractRouteDef]:
+        return [
+            web.get("/models", self.models),
+            web.post("/load_model", self.load_model),
+            web.post("/unload_model", self.unload_model),
+            web.get("/current_model", self.current_model),
+            web.post("/generate", self.generate),
+            web.delete("/rm", self.remove),
+            web.post("/pull", self.pull),
+        ]
+
+    # -- models ---------------------------------------------------------------------------------
+
+    def _resolve_sync(self, name: str) -> ModelEntry:
+        try:
+            return self.ctx.store.resolve(name_from_folder(name))
+        except (InvalidModelName, ModelNotFound):
+            return self.ctx.store.resolve(name)
+
+    async def resolve(self, name: str) -> ModelEntry:
+        try:
+            return await asyncio.to_thread(self._resolve_sync, name)
+        except ModelNotFound:
+            raise BadRequest(f"model '{name}' not found", 404) from None
+
+    @staticmethod
+    def _name_field(body: dict[str, Any], *keys: str) -> str:
+        for key in keys:
+            value = field_of(body, key, str, "a string")
+            if value:
+                return value
+        return ""
+
+    async def models(self, request: web.Request) -> web.Response:
+        entries = await asyncio.to_thread(self.ctx.store.list)
+        return wire.json_response({"models": [native_name(entry) for entry in entries]})
+
+    async def load_model(self, request: web.Request) -> web.Response:
+        body = await wire.read_json_body(request, allow_empty=True)
+        name = self._name_field(body, "model_name", "model", "name")
+        if not name:
+            raise BadRequest('"model_name" is required')
+        entry = await self.resolve(name)
+        try:
+            await self.ctx.generator.load(entry, {}, LOAD_KEEP_ALIVE_S)
+        except QueueFull as exc:
+            return wire.error_response(503, str(exc), headers={"Retry-After": "1"})
+        except RuntimeFailure as exc:
+            return wire.error_response(500, f"failed to load model '{name}': {exc}")
+        return wire.json_response(
+            {"status": "loaded", "model_name": native_name(entry), "message": f"Model {name} loaded"}
+        )
+
+    async def unload_model(self, request: web.Request) -> web.Response:
+        loaded = self.ctx.scheduler.loaded
+        if loaded is None:
+            return wire.json_response({"status": "not loaded", "message": "No model is loaded"})
+        name = native_name(loaded.entry)
+        await self.ctx.scheduler.unload(loaded.entry)
+        return wire.json_response(
+            {"status": "unloaded", "model_name": name, "message": f"Model {name} unloaded"}
+        )
+
+    async def current_model(self, request: web.Request) -> web.Response:
+        loaded = self.ctx.scheduler.loaded
+        if loaded is None:
+            return wire.error_response(404, "no model is currently loaded")
+        return wire.json_response({"model_name": native_name(loaded.entry)})
+
+    async def pull(self, request: web.Request) -> web.StreamResponse:
+        """The seed's pull (``{"model": "<org>/<repo>/<file>.rkllm"}``), answered with Ollama's progress."""
+        name, stream = pull_request_fields(await wire.read_json_body(request, allow_empty=True))
+        return await respond_pull(request, self.ctx.store, name, stream)
+
+    async def remove(self, request: web.Request) -> web.Response:
+        body = await wire.read_json_body(request, allow_empty=True)
+        name = self._name_field(body, "model", "model_name", "name")
+        if not name:
+            raise BadRequest('"model" is required')
+        entry = await self.resolve(name)
+        try:
+            await delete_model(self.ctx, entry.name.display)
+        except ModelNotFound:
+            return wire.error_response(404, f"model '{name}' not found")
+        except StoreError as exc:
+            return wire.error_response(500, str(exc))
+        return wire.json_response({"message": f"Model {name} deleted"})
+
+    # -- generation -----------------------------------------------------------------------------
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        body = await wire.read_json_body(request)
+        messages = parse_messages(body)
+        if not messages:
+            raise BadRequest('"messages" must hold at least one message')
+        stream = field_of(body, "stream", bool, "a boolean")
+        name = self._name_field(body, "model", "model_name")
+        if name:
+            entry = await self.resolve(name)
+        else:
+            loaded = self.ctx.scheduler.loaded
+            if loaded is None:
+                raise BadRequest('no model is loaded: send "model" or call /load_model first')
+            entry = loaded.entry
+        try:
+            self.ctx.generator.check_capabilities(entry, native_name(entry), kind="chat", think=None)
+        except CapabilityError as exc:
+            raise BadRequest(str(exc)) from None
+        gen = GenerationRequest(entry=entry, messages=messages, interactive=stream is not False)
+        async with aclosing(self.ctx.generator.run(gen)) as events:
+            try:
+                first = await anext(events)
+                while isinstance(first, Loaded):
+                    first = await anext(events)
+            except StopAsyncIteration:
+                return wire.error_response(500, "generation ended without a result")
+            except QueueFull as exc:
+                return wire.error_response(503, str(exc), headers={"Retry-After": "1"})
+            except RuntimeFailure as exc:
+                return wire.error_response(500, str(exc))
+            if stream is False:
+                return await self._collect(entry, first, events)
+            return await self._stream(request, entry, first, events)
+
+    async def _stream(
+        self, request: web.Request, entry: ModelEntry, first: Any, events: Any
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": STREAM_CONTENT_TYPE})
+        await response.prepare(request)
+
+        async def send(obj: dict[str, Any]) -> None:
+            await response.write(orjson.dumps(obj) + b"\n\n")
+
+        event = first
+        try:
+            while event is not None:
+                if isinstance(event, Done):
+                    await send(
+                        {
+                            "token": "",
+                            "finish": True,
+                            "tokens_per_second": tokens_per_second(event),
+                            "tokens_generated": event.stats.eval_count,
+                            "choices": choice("", "stop"),
+                        }
+                    )
+                    break
+                if isinstance(event, Thinking):
+                    await send({"token": event.text, "thinking": True, "choices": choice("", None)})
+                elif isinstance(event, Content):
+                    await send({"token": event.text, "thinking": False, "choices": choice(event.text, None)})
+                event = await anext(events, None)
+        except RuntimeFailure as exc:
+            log.warning("native generation failed mid-stream model=%s: %s", entry.name.display, exc)
+            await send({"error": str(exc)})
+        await response.write_eof()
+        return response
+
+    async def _collect(self, entry: ModelEntry, first: Any, events: Any) -> web.Response:
+        content: list[str] = []
+        event = first
+        try:
+            while event is not None:
+                if isinstance(event, Done):
+                    text = "".join(content)
+                    stats = event.stats
+                    return wire.json_response(
+                        {
+                            "model": native_name(entry),
+                            "response": text,
+                            "tokens_generated": stats.eval_count,
+                            "tokens_per_second": tokens_per_second(event),
+                            "choices": choice(text, "stop"),
+                            "usage": {
+                                "prompt_tokens": stats.prompt_tokens,
+                                "completion_tokens": stats.eval_count,
+                                "total_tokens": stats.prompt_tokens + stats.eval_count,
+                            },
+                        }
+                    )
+                if isinstance(event, Content):
+                    content.append(event.text)
+                event = await anext(events, None)
+        except RuntimeFailure as exc:
+            return wire.error_response(500, str(exc))
+        return wire.error_response(500, "generation ended without a final result")

@@ -1,0 +1,384 @@
+"""OpenAI's API (`/v1/*`): wire format only; the work is done by the store and the Generator.
+
+Shapes follow Ollama's compatibility layer (reference/ollama-api.md §2.16): SSE streams with the role in
+the first delta only, one shared `id` and `created`, a finish chunk with an empty delta, an optional
+usage chunk, then `data: [DONE]`; errors in OpenAI's envelope (the app's middleware and `_error`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import random
+import struct
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from rkllama_ollama.api import wire
+from rkllama_ollama.api.context import AppContext
+from rkllama_ollama.api.openai_request import (
+    format_of,
+    go_type,
+    messages_of,
+    model_of,
+    options_of,
+    stream_of,
+    think_of,
+    tools_of,
+)
+from rkllama_ollama.api.wire import BadRequest, field_of
+from rkllama_ollama.generation import (
+    CapabilityError,
+    Content,
+    Done,
+    Event,
+    GenerationRequest,
+    InputTooLong,
+    Loaded,
+    Thinking,
+    ToolCallEvent,
+    l2_normalised,
+)
+from rkllama_ollama.models.store import ModelEntry, ModelNotFound
+from rkllama_ollama.runtime.base import RuntimeFailure
+from rkllama_ollama.scheduler import QueueFull
+
+log = logging.getLogger(__name__)
+
+FINGERPRINT = "fp_ollama"
+ENCODING_FORMATS = ("float", "base64")
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return wire.openai_error_response(status, message, headers)
+
+
+def _usage(done: Done) -> dict[str, int]:
+    prompt = done.stats.prompt_tokens or done.stats.prompt_eval_count
+    completion = done.stats.eval_count
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _finish_reason(done: Done, had_tool_calls: bool) -> str:
+    if had_tool_calls and done.done_reason == "stop":
+        return "tool_calls"
+    return "length" if done.done_reason == "length" else "stop"
+
+
+def _tool_call(event: ToolCallEvent) -> dict[str, Any]:
+    call = event.call
+    return {
+        "id": call.id,
+        "index": call.index,
+        "type": "function",
+        "function": {"name": call.name, "arguments": orjson.dumps(call.arguments).decode()},
+    }
+
+
+def model_object(entry: ModelEntry, model_id: str | None = None) -> dict[str, Any]:
+    return {
+        "id": model_id or entry.name.display,
+        "object": "model",
+        "created": int(entry.modified_at.timestamp()),
+        "owned_by": entry.name.namespace,
+    }
+
+
+class _Answer:
+    """A whole (non-streamed) answer, gathered from the events."""
+
+    def __init__(self) -> None:
+        self.content: list[str] = []
+        self.reasoning: list[str] = []
+        self.tool_calls: list[dict[str, Any]] = []
+
+    def add(self, event: Event) -> None:
+        if isinstance(event, Content):
+            self.content.append(event.text)
+        elif isinstance(event, Thinking):
+            self.reasoning.append(event.text)
+        elif isinstance(event, ToolCallEvent):
+            self.tool_calls.append(_tool_call(event))
+
+
+async def _first_output(events: AsyncIterator[Event]) -> Event | None:
+    """Wait past loading to the first real event, so early failures still get an HTTP status."""
+    async for event in events:
+        if not isinstance(event, Loaded):
+            return event
+    return None
+
+
+class OpenAiApi:
+    def __init__(self, ctx: AppContext) -> None:
+        self.ctx = ctx
+
+    def routes(self) -> list[web.AbstractRouteDef]:
+        return [
+            web.post("/v1/chat/completions", self.chat_completions),
+            web.post("/v1/completions", self.completions),
+            web.get("/v1/models", self.models),
+            web.get("/v1/models/{model:.+}", self.model),
+            web.post("/v1/embeddings", self.embeddings),
+        ]
+
+    # -- models ---------------------------------------------------------------------------------
+
+    async def models(self, request: web.Request) -> web.Response:
+        entries = await asyncio.to_thread(self.ctx.store.list)
+        return wire.json_response(
+            {"object": "list", "data": [model_object(e) for e in entries]}, charset=False
+        )
+
+    async def model(self, request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        try:
+            entry = await asyncio.to_thread(self.ctx.store.resolve, name)
+        except ModelNotFound:
+            return _error(404, f"model '{name}' not found")
+        return wire.json_response(model_object(entry, name), charset=False)
+
+    async def _entry(self, label: str, kind: str, think: bool | str | None = None) -> ModelEntry:
+        try:
+            entry = await asyncio.to_thread(self.ctx.store.resolve, label)
+        except ModelNotFound:
+            raise BadRequest(f"model '{label}' not found", 404) from None
+        try:
+            self.ctx.generator.check_capabilities(entry, label, kind=kind, think=think)
+        except CapabilityError as exc:
+            raise BadRequest(str(exc)) from None
+        return entry
+
+    # -- chat -----------------------------------------------------------------------------------
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        body = await wire.read_json_body(request)
+        label = model_of(body)
+        messages = messages_of(body)
+        options = options_of(body)
+        stream, include_usage = stream_of(body)
+        think = think_of(body)
+        fmt = format_of(body)
+        tools = tools_of(body)
+        entry = await self._entry(label, "chat", think)
+        if any(m.get("images") for m in messages) and "vision" not in entry.capabilities:
+            raise BadRequest(f'"{label}" does not support images')
+        gen = GenerationRequest(
+            entry=entry,
+            messages=messages,
+            tools=tools,
+            think=think,
+            options=options,
+            interactive=stream,
+            format=fmt,
+        )
+        completion_id = f"chatcmpl-{random.randrange(999)}"
+        created = int(time.time())
+
+        def envelope(**fields: Any) -> dict[str, Any]:
+            return {
+                "id": completion_id,
+                "object": "chat.completion.chunk" if stream else "chat.completion",
+                "created": created,
+                "model": label,
+                "system_fingerprint": FINGERPRINT,
+                **fields,
+            }
+
+        if not stream:
+
+            def whole(done: Done, answer: _Answer) -> dict[str, Any]:
+                message: dict[str, Any] = {"role": "assistant", "content": "".join(answer.content)}
+                if answer.reasoning:
+                    message["reasoning"] = "".join(answer.reasoning)
+                if answer.tool_calls:
+                    message["tool_calls"] = answer.tool_calls
+                choice = {
+                    "index": 0,
+                    "message": message,
+                    "finish_reason": _finish_reason(done, bool(answer.tool_calls)),
+                }
+                return envelope(choices=[choice], usage=_usage(done))
+
+            return await self._whole(gen, whole)
+
+        role_sent = False
+        tool_calls_sent = False
+
+        def chunks(event: Event) -> list[dict[str, Any]]:
+            nonlocal role_sent, tool_calls_sent
+            if isinstance(event, Done):
+                finish = {"index": 0, "delta": {}, "finish_reason": _finish_reason(event, tool_calls_sent)}
+                out = [envelope(choices=[finish])]
+                if include_usage:
+                    out.append(envelope(choices=[], usage=_usage(event)))
+                return out
+            delta: dict[str, Any] = {}
+            if not role_sent:
+                delta["role"] = "assistant"
+                role_sent = True
+            if isinstance(event, Thinking):
+                delta["reasoning"] = event.text
+            elif isinstance(event, Content):
+                delta["content"] = event.text
+            elif isinstance(event, ToolCallEvent):
+                delta["tool_calls"] = [_tool_call(event)]
+                tool_calls_sent = True
+            return [envelope(choices=[{"index": 0, "delta": delta, "finish_reason": None}])]
+
+        return await self._stream(request, gen, chunks)
+
+    # -- completions ----------------------------------------------------------------------------
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body = await wire.read_json_body(request)
+        label = model_of(body)
+        prompt = body.get("prompt")
+        if prompt is not None and not isinstance(prompt, str):
+            raise BadRequest(f"invalid type for 'prompt' field: {go_type(prompt)}")
+        suffix = field_of(body, "suffix", str, "a string")
+        options = options_of(body, top_p_zero_is_default=True)
+        options.setdefault("frequency_penalty", 0.0)
+        options.setdefault("presence_penalty", 0.0)
+        stream, include_usage = stream_of(body)
+        entry = await self._entry(label, "generate")
+        if suffix and "insert" not in entry.capabilities:
+            raise BadRequest(f"{entry.name.full} does not support insert")
+        gen = GenerationRequest(
+            entry=entry, prompt=prompt or "", options=options, interactive=stream, think=False
+        )
+        completion_id = f"cmpl-{random.randrange(999)}"
+        created = int(time.time())
+        zero_usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+
+        def envelope(choices: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
+            return {
+                "id": completion_id,
+                "object": "text_completion",
+                "created": created,
+                "model": label,
+                "system_fingerprint": FINGERPRINT,
+                "choices": choices,
+                **fields,
+            }
+
+        if not stream:
+
+            def whole(done: Done, answer: _Answer) -> dict[str, Any]:
+                choice = {"text": "".join(answer.content), "index": 0, "finish_reason": done.done_reason}
+                choice["finish_reason"] = _finish_reason(done, False)
+                return envelope([choice], usage=_usage(done))
+
+            return await self._whole(gen, whole)
+
+        def chunks(event: Event) -> list[dict[str, Any]]:
+            extra = {"usage": zero_usage} if include_usage else {}
+            if isinstance(event, Done):
+                finish = {"text": "", "index": 0, "finish_reason": _finish_reason(event, False)}
+                out = [envelope([finish], **extra)]
+                if include_usage:
+                    out.append(envelope([], usage=_usage(event)))
+                return out
+            if not isinstance(event, Content):
+                return []
+            return [envelope([{"text": event.text, "index": 0, "finish_reason": None}], **extra)]
+
+        return await self._stream(request, gen, chunks)
+
+    # -- embeddings -----------------------------------------------------------------------------
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        body = await wire.read_json_body(request)
+        label = model_of(body)
+        raw = body.get("input")
+        inputs = [raw] if isinstance(raw, str) else raw
+        if not isinstance(inputs, list) or not inputs or not all(isinstance(i, str) for i in inputs):
+            raise BadRequest("invalid input")
+        dimensions = field_of(body, "dimensions", int, "an integer")
+        if dimensions is not None and dimensions <= 0:
+            raise BadRequest("dimensions must be greater than 0")
+        encoding = body.get("encoding_format") or "float"
+        if encoding not in ENCODING_FORMATS:
+            raise BadRequest(
+                f'invalid encoding_format {orjson.dumps(encoding).decode()}: use "float" or "base64"'
+            )
+        try:
+            entry = await asyncio.to_thread(self.ctx.store.resolve, label)
+        except ModelNotFound:
+            return _error(404, f'model "{label}" not found, try pulling it first')
+        try:
+            result = await self.ctx.generator.embed(entry, inputs, truncate=True)
+            vectors = [l2_normalised(vector, dimensions) for vector in result.vectors]
+        except QueueFull as exc:
+            return _error(503, str(exc), headers={"Retry-After": "1"})
+        except InputTooLong as exc:
+            return _error(400, str(exc))
+        except RuntimeFailure as exc:
+            return _error(500, str(exc))
+        data = [
+            {"object": "embedding", "embedding": _encoded(vector, encoding), "index": index}
+            for index, vector in enumerate(vectors)
+        ]
+        usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
+        return wire.json_response(
+            {"object": "list", "data": data, "model": label, "usage": usage}, charset=False
+        )
+
+    # -- shared ---------------------------------------------------------------------------------
+
+    async def _whole(
+        self, gen: GenerationRequest, whole: Callable[[Done, _Answer], dict[str, Any]]
+    ) -> web.Response:
+        answer = _Answer()
+        try:
+            async with aclosing(self.ctx.generator.run(gen)) as events:
+                async for event in events:
+                    if isinstance(event, Done):
+                        return wire.json_response(whole(event, answer), charset=False)
+                    answer.add(event)
+        except QueueFull as exc:
+            return _error(503, str(exc), headers={"Retry-After": "1"})
+        except RuntimeFailure as exc:
+            return _error(500, str(exc))
+        return _error(500, "generation ended without a final result")
+
+    async def _stream(
+        self,
+        request: web.Request,
+        gen: GenerationRequest,
+        chunks: Callable[[Event], list[dict[str, Any]]],
+    ) -> web.StreamResponse:
+        async with aclosing(self.ctx.generator.run(gen)) as events:
+            try:
+                first = await _first_output(events)
+            except QueueFull as exc:
+                return _error(503, str(exc), headers={"Retry-After": "1"})
+            except RuntimeFailure as exc:
+                return _error(500, str(exc))
+            out = wire.SseStream(request)
+            try:
+                event = first
+                while event is not None:
+                    for chunk in chunks(event):
+                        await out.send(chunk)
+                    if isinstance(event, Done):
+                        break
+                    event = await anext(events, None)
+            except RuntimeFailure as exc:
+                log.warning("generation failed mid-stream model=%s: %s", gen.entry.name.display, exc)
+                await out.send(
+                    {"error": {"message": str(exc), "type": "api_error", "param": None, "code": None}}
+                )
+            return await out.finish()
+
+
+def _encoded(vector: list[float], encoding: str) -> list[float] | str:
+    if encoding == "base64":
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+    return vector

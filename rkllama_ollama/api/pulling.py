@@ -1,0 +1,54 @@
+"""The pull endpoints' wire format (Ollama's `/api/pull` and the seed's `POST /pull` share it).
+
+Streaming: one NDJSON progress object per event, ending with ``{"status":"success"}``; a failure after
+the stream started is an ``{"error": ...}`` line. A malformed name is a 400 before any byte.
+``stream:false``: one object at the end, the last progress (``{"status":"success"}``) or the error with
+its status. A client that goes away cancels its pull (unless another client waits on the same one).
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import aclosing
+from typing import Any
+
+from aiohttp import web
+
+from rkllama_ollama.api import wire
+from rkllama_ollama.models.pull import PullError, PullProgress, puller_for
+from rkllama_ollama.models.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def pull_request_fields(body: dict[str, Any]) -> tuple[str, bool]:
+    """(`model` or legacy `name`, stream flag); stream defaults to true."""
+    name = body.get("model") or body.get("name") or ""
+    if not isinstance(name, str) or not name.strip():
+        raise wire.BadRequest("invalid model name")
+    stream = body.get("stream", True)
+    return name, stream is not False
+
+
+async def respond_pull(request: web.Request, store: Store, name: str, stream: bool) -> web.StreamResponse:
+    async with aclosing(puller_for(store).pull(name)) as events:
+        try:
+            first = await anext(events)
+        except PullError as exc:
+            return wire.error_response(exc.status, str(exc))
+        if not stream:
+            last: PullProgress = first
+            try:
+                async for event in events:
+                    last = event
+            except PullError as exc:
+                return wire.error_response(exc.status, str(exc))
+            return wire.json_response(last.to_json())
+        out = wire.NdjsonStream(request)
+        try:
+            await out.send(first.to_json())
+            async for event in events:
+                await out.send(event.to_json())
+        except PullError as exc:
+            await out.send({"error": str(exc)})
+        return await out.finish()
