@@ -117,7 +117,7 @@ def spawn_run(daemon: Daemon, model: str) -> pexpect.spawn:
         ["-m", "rkllama_ollama.cli", "run", model],
         env=cli_env(daemon),
         encoding="utf-8",
-        timeout=30,
+        timeout=60,
         dimensions=(40, 200),
     )
     child.expect_exact(">>> ")
@@ -160,11 +160,14 @@ def test_repl_ctrl_c_stops_a_long_answer_and_keeps_the_session(daemon: Daemon) -
     child = spawn_run(daemon, TINY)
     try:
         child.sendline("Tell me a very long story")  # the tiny model rambles for thousands of tokens
-        child.expect(r"\S{3}")  # streaming has started
+        child.expect_exact("Tell me a very long story\r\n")  # the terminal's echo of the line
+        child.expect(r"\S{3}")  # the answer is streaming
         child.sendintr()
         child.expect_exact(">>> ")
         child.sendline("/set parameter num_predict 3")
+        child.expect_exact(">>> ")
         child.sendline("/set verbose")
+        child.expect_exact(">>> ")
         child.sendline("Again")
         child.expect(r"eval count: +3 token\(s\)")
         child.sendeof()
