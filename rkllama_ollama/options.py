@@ -14,35 +14,28 @@ from collections.abc import Mapping
 from dataclasses import fields
 from typing import Any
 
+from rkllama_ollama.models.modelfile import (  # the one table of Ollama's options and their types
+    BOOL_OPTIONS,
+    FLOAT_OPTIONS,
+    INT_OPTIONS,
+    KNOWN_OPTIONS,
+    LIST_OPTIONS,
+)
 from rkllama_ollama.runtime.base import SamplingOptions
 
-log = logging.getLogger(__name__)
+__all__ = [
+    "BOOL_OPTIONS",
+    "FLOAT_OPTIONS",
+    "INT_OPTIONS",
+    "KNOWN_OPTIONS",
+    "LIST_OPTIONS",
+    "OptionError",
+    "layer_options",
+    "sampling_from",
+    "validate_options",
+]
 
-INT_OPTIONS = {
-    "num_keep",
-    "seed",
-    "num_predict",
-    "top_k",
-    "repeat_last_n",
-    "num_ctx",
-    "num_batch",
-    "num_gpu",
-    "main_gpu",
-    "num_thread",
-    "draft_num_predict",
-}
-FLOAT_OPTIONS = {
-    "top_p",
-    "min_p",
-    "typical_p",
-    "temperature",
-    "repeat_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-}
-BOOL_OPTIONS = {"use_mmap", "numa", "low_vram", "f16_kv", "vocab_only", "use_mlock"}
-LIST_OPTIONS = {"stop"}
-KNOWN_OPTIONS = INT_OPTIONS | FLOAT_OPTIONS | BOOL_OPTIONS | LIST_OPTIONS
+log = logging.getLogger(__name__)
 
 _SAMPLING_FIELDS = {f.name for f in fields(SamplingOptions)}
 

@@ -31,6 +31,9 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+# Ollama's current options and their types (reference ollama-api.md §3.1): the one table, also used to
+# validate request `options` (rkllama_ollama/options.py). Removed keys (numa, low_vram, mirostat, ...)
+# are deliberately absent: clients still send them and they must be ignored, not type-checked.
 INT_OPTIONS = frozenset(
     {
         "num_keep",
