@@ -60,13 +60,6 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
-class Loaded:
-    """The model is ready (first event of every run)."""
-
-    load_ns: int
-
-
-@dataclass(frozen=True)
 class Thinking:
     text: str
 
@@ -93,7 +86,18 @@ class Done:
         return self.stats.context
 
 
-Event = Loaded | Thinking | Content | ToolCallEvent | Done
+Event = Thinking | Content | ToolCallEvent | Done
+
+
+async def first_event(events: AsyncIterator[Event]) -> Event:
+    """The first event of a run. By then the turn is held, the model loaded and the prompt rendered, so
+    whatever fails before a face writes a byte (queue full, load failure, template error, a prompt too
+    long) has raised, and the face's error middleware still answers with a real HTTP status."""
+    event = await anext(events, None)
+    if event is None:
+        raise RuntimeFailure("generation ended without a result")
+    return event
+
 
 INPUT_TOO_LONG = "the input length exceeds the context length"
 
@@ -341,7 +345,6 @@ class Generator:
         async with self.scheduler.turn(interactive=request.interactive):
             loaded = await self._ensure_loaded(entry, spec, request.keep_alive_s)
             load_ns = time.perf_counter_ns() - started  # like Ollama: request start until the model is ready
-            yield Loaded(load_ns)
             try:
                 prompt = await self._render(
                     request, loaded, think_arg if "thinking" in entry.capabilities else None

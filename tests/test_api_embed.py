@@ -6,10 +6,7 @@ and `tiny`, the chat model, to prove a session switches between generation and e
 
 from __future__ import annotations
 
-import json
 import math
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,12 +22,8 @@ LONG_TEXT = "hello world " * 600  # well over the 512-token context of `emb`
 
 
 def http(daemon: Daemon, path: str, body: Any) -> tuple[int, dict[str, Any]]:
-    request = urllib.request.Request(daemon.url + path, data=json.dumps(body).encode(), method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+    reply = daemon.request("POST", path, body)
+    return reply.status, reply.json()
 
 
 def norm(vector: list[float]) -> float:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,24 +17,8 @@ import ollama
 import pytest
 
 from tests.conftest import make_gguf_model
-from tests.support.daemon import Daemon
+from tests.support.daemon import Daemon, error_of
 from tests.support.tiny_gguf import write_tiny_gguf
-
-
-def http(
-    daemon: Daemon, method: str, path: str, body: Any = None, raw: bytes | None = None
-) -> tuple[int, str, bytes]:
-    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-    request = urllib.request.Request(daemon.url + path, data=data, method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, response.headers.get("Content-Type", ""), response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.headers.get("Content-Type", ""), exc.read()
-
-
-def error_of(payload: bytes) -> str:
-    return json.loads(payload)["error"]
 
 
 def listed(client: ollama.Client) -> set[str]:
@@ -45,7 +27,7 @@ def listed(client: ollama.Client) -> set[str]:
 
 def show(daemon: Daemon, name: str) -> dict[str, Any]:
     """`/api/show` as raw JSON (ollama-python's ShowResponse has no `system`)."""
-    status, _, payload = http(daemon, "POST", "/api/show", {"model": name})
+    status, _, payload = daemon.request("POST", "/api/show", {"model": name})
     assert status == 200, payload
     return dict(json.loads(payload))
 
@@ -79,7 +61,7 @@ def gguf_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_copy_makes_a_second_listed_model(client: ollama.Client, daemon: Daemon) -> None:
     """Checklist 15 and 18: copy answers 200 with an empty body; names are case-insensitive."""
-    status, _, body = http(daemon, "POST", "/api/copy", {"source": "BASE", "destination": "Copied:v1"})
+    status, _, body = daemon.request("POST", "/api/copy", {"source": "BASE", "destination": "Copied:v1"})
     assert (status, body) == (200, b"")
     assert "copied:v1" in listed(client)
     assert show(daemon, "copied:v1")["system"] == "You are terse."
@@ -94,7 +76,7 @@ def test_copy_makes_a_second_listed_model(client: ollama.Client, daemon: Daemon)
     ],
 )
 def test_copy_errors(daemon: Daemon, body: dict[str, str], status: int, error: str) -> None:
-    got_status, _, payload = http(daemon, "POST", "/api/copy", body)
+    got_status, _, payload = daemon.request("POST", "/api/copy", body)
     assert (got_status, error_of(payload)) == (status, error)
 
 
@@ -105,7 +87,7 @@ def test_copy_errors(daemon: Daemon, body: dict[str, str], status: int, error: s
 def test_delete_removes_the_model(client: ollama.Client, daemon: Daemon, field: str) -> None:
     """Checklist 16: both the current and the legacy field; 200 with an empty body; gone everywhere."""
     client.copy("base", f"doomed-{field}")
-    status, _, body = http(daemon, "DELETE", "/api/delete", {"model": "", field: f"doomed-{field}"})
+    status, _, body = daemon.request("DELETE", "/api/delete", {"model": "", field: f"doomed-{field}"})
     assert (status, body) == (200, b"")
     assert f"doomed-{field}:latest" not in listed(client)
     with pytest.raises(ollama.ResponseError) as info:
@@ -115,10 +97,10 @@ def test_delete_removes_the_model(client: ollama.Client, daemon: Daemon, field: 
 
 def test_delete_errors(daemon: Daemon) -> None:
     """Checklist 17: a missing model is a 404 naming it; no name is a 400."""
-    status, ctype, payload = http(daemon, "DELETE", "/api/delete", {"model": "ghost"})
+    status, ctype, payload = daemon.request("DELETE", "/api/delete", {"model": "ghost"})
     assert (status, error_of(payload)) == (404, "model 'ghost' not found")
     assert ctype.startswith("application/json")
-    status, _, payload = http(daemon, "DELETE", "/api/delete", {})
+    status, _, payload = daemon.request("DELETE", "/api/delete", {})
     assert (status, error_of(payload)) == (400, "model is required")
 
 
@@ -142,28 +124,28 @@ def test_blob_upload_head_and_reupload(daemon: Daemon) -> None:
     """Checklist 19: HEAD 404 then 200; POST 201 new, 200 existing; both digest spellings."""
     data = b"blob payload " * 1000
     hex_digest = hashlib.sha256(data).hexdigest()
-    assert http(daemon, "HEAD", f"/api/blobs/sha256:{hex_digest}")[0] == 404
-    assert http(daemon, "POST", f"/api/blobs/sha256:{hex_digest}", raw=data)[0] == 201
-    assert http(daemon, "HEAD", f"/api/blobs/sha256-{hex_digest}")[0] == 200
-    assert http(daemon, "POST", f"/api/blobs/sha256-{hex_digest.upper()}", raw=data)[0] == 200
+    assert daemon.request("HEAD", f"/api/blobs/sha256:{hex_digest}")[0] == 404
+    assert daemon.request("POST", f"/api/blobs/sha256:{hex_digest}", raw=data)[0] == 201
+    assert daemon.request("HEAD", f"/api/blobs/sha256-{hex_digest}")[0] == 200
+    assert daemon.request("POST", f"/api/blobs/sha256-{hex_digest.upper()}", raw=data)[0] == 200
 
 
 def test_blob_digest_mismatch_leaves_nothing_behind(daemon: Daemon, store: Path) -> None:
     wrong = "0" * 64
-    status, _, payload = http(daemon, "POST", f"/api/blobs/sha256:{wrong}", raw=b"something else")
+    status, _, payload = daemon.request("POST", f"/api/blobs/sha256:{wrong}", raw=b"something else")
     got = hashlib.sha256(b"something else").hexdigest()
     assert (status, error_of(payload)) == (
         400,
         f'digest mismatch, expected "sha256:{wrong}", got "sha256:{got}"',
     )
-    assert http(daemon, "HEAD", f"/api/blobs/sha256:{wrong}")[0] == 404
+    assert daemon.request("HEAD", f"/api/blobs/sha256:{wrong}")[0] == 404
     assert not [p for p in (store / ".blobs").iterdir() if p.name.startswith(".partial")]
 
 
 @pytest.mark.parametrize("digest", ["sha256:abc", "md5:" + "0" * 64, "sha256_" + "0" * 64])
 def test_blob_bad_digest_format(daemon: Daemon, digest: str) -> None:
     for method in ("POST", "HEAD"):
-        status, _, payload = http(daemon, method, f"/api/blobs/{digest}", raw=b"x")
+        status, _, payload = daemon.request(method, f"/api/blobs/{digest}", raw=b"x")
         assert status == 400
         if method == "POST":
             assert error_of(payload) == "invalid digest format"
@@ -195,7 +177,7 @@ def test_create_from_a_model_derives_it(client: ollama.Client, daemon: Daemon) -
         "license": ["MIT", "no warranty"],
         "stream": False,
     }
-    status, ctype, payload = http(daemon, "POST", "/api/create", body)
+    status, ctype, payload = daemon.request("POST", "/api/create", body)
     assert (status, ctype, json.loads(payload)) == (200, "application/json", {"status": "success"})
     shown = show(daemon, "t-bone")
     assert shown["system"] == "You are a steak."
@@ -215,7 +197,9 @@ def test_create_streams_statuses_ending_in_success(client: ollama.Client) -> Non
 
 def test_create_from_a_legacy_modelfile(client: ollama.Client, daemon: Daemon) -> None:
     text = 'FROM base\nPARAMETER num_ctx 1024\nSYSTEM """Legacy system."""\n'
-    status, _, _ = http(daemon, "POST", "/api/create", {"name": "legacy", "modelfile": text, "stream": False})
+    status, _, _ = daemon.request(
+        "POST", "/api/create", {"name": "legacy", "modelfile": text, "stream": False}
+    )
     assert status == 200
     shown = show(daemon, "legacy")
     assert shown["system"] == "Legacy system."
@@ -227,7 +211,7 @@ def test_create_from_a_legacy_modelfile_naming_a_blob(
 ) -> None:
     digest = client.create_blob(gguf_file)
     body = {"model": "legacy-blob", "modelfile": f"FROM @{digest}\n", "stream": False}
-    assert http(daemon, "POST", "/api/create", body)[0] == 200
+    assert daemon.request("POST", "/api/create", body)[0] == 200
     assert show(daemon, "legacy-blob")["details"]["format"] == "gguf"
 
 
@@ -251,7 +235,7 @@ def test_create_from_a_legacy_modelfile_naming_a_blob(
     ],
 )
 def test_create_errors(daemon: Daemon, body: dict[str, Any], status: int, error: str | None) -> None:
-    got_status, ctype, payload = http(daemon, "POST", "/api/create", body)
+    got_status, ctype, payload = daemon.request("POST", "/api/create", body)
     assert got_status == status
     assert ctype.startswith("application/json")
     if error is not None:
@@ -262,7 +246,7 @@ def test_create_errors(daemon: Daemon, body: dict[str, Any], status: int, error:
 
 
 def test_push_is_a_clear_error(daemon: Daemon) -> None:
-    status, _, payload = http(daemon, "POST", "/api/push", {"model": "base"})
+    status, _, payload = daemon.request("POST", "/api/push", {"model": "base"})
     assert (status, error_of(payload)) == (400, "push is not supported")
-    status, _, payload = http(daemon, "POST", "/api/push", {})
+    status, _, payload = daemon.request("POST", "/api/push", {})
     assert (status, error_of(payload)) == (400, "model is required")

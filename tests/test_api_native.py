@@ -7,8 +7,6 @@ shared `daemon` fixture. Words are never asserted (the model is a tiny random GG
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,13 +20,8 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 
 
 def http(daemon: Daemon, method: str, path: str, body: Any = None) -> tuple[int, bytes]:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(daemon.url + path, data=data, method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
+    reply = daemon.request(method, path, body)
+    return reply.status, reply.body
 
 
 def stream_objects(payload: bytes) -> list[dict[str, Any]]:

@@ -8,33 +8,15 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import urllib.error
-import urllib.request
 from typing import Any
 
 import ollama
 import pytest
 
-from tests.support.daemon import Daemon
+from tests.support.daemon import Daemon, error_of
 
 MODEL = "tiny"
 SHORT = {"num_predict": 8, "seed": 1, "temperature": 0}
-
-
-def http(
-    daemon: Daemon, method: str, path: str, body: Any = None, raw: bytes | None = None
-) -> tuple[int, str, bytes]:
-    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-    request = urllib.request.Request(daemon.url + path, data=data, method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, response.headers.get("Content-Type", ""), response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.headers.get("Content-Type", ""), exc.read()
-
-
-def error_of(payload: bytes) -> str:
-    return json.loads(payload)["error"]
 
 
 @pytest.fixture(scope="module")
@@ -53,15 +35,15 @@ def assert_positive_stats(final: Any) -> None:
 
 
 def test_root_answers_like_ollama(daemon: Daemon) -> None:
-    status, ctype, body = http(daemon, "GET", "/")
+    status, ctype, body = daemon.request("GET", "/")
     assert (status, body) == (200, b"Ollama is running")
     assert ctype.startswith("text/plain")
-    status, _, body = http(daemon, "HEAD", "/")
+    status, _, body = daemon.request("HEAD", "/")
     assert status == 200 and body == b""
 
 
 def test_version_is_numeric_json(daemon: Daemon) -> None:
-    status, ctype, body = http(daemon, "GET", "/api/version")
+    status, ctype, body = daemon.request("GET", "/api/version")
     assert status == 200 and ctype == "application/json; charset=utf-8"
     version = json.loads(body)["version"]
     assert all(part.isdigit() for part in version.split("."))
@@ -77,7 +59,7 @@ def test_list_shows_the_store_with_full_entries(client: ollama.Client, daemon: D
     assert tiny.digest and len(tiny.digest) >= 12
     assert isinstance(tiny.modified_at, dt.datetime)
     assert tiny.details and tiny.details.format == "gguf"
-    _, ctype, body = http(daemon, "GET", "/api/tags")
+    _, ctype, body = daemon.request("GET", "/api/tags")
     assert ctype == "application/json; charset=utf-8"
     raw = json.loads(body)["models"][0]
     assert raw["name"] == raw["model"]
@@ -94,21 +76,21 @@ def test_show_has_model_info_and_parameters(client: ollama.Client, daemon: Daemo
     assert shown.modelinfo is not None and shown.modelinfo.get("general.architecture") == "llama"
     assert shown.parameters and "temperature" in shown.parameters
     assert "completion" in (shown.capabilities or [])
-    status, _, body = http(daemon, "POST", "/api/show", {"name": MODEL})  # legacy key
+    status, _, body = daemon.request("POST", "/api/show", {"name": MODEL})  # legacy key
     assert status == 200 and "model_info" in json.loads(body)
 
 
 def test_show_unknown_and_missing_model(daemon: Daemon) -> None:
-    status, _, body = http(daemon, "POST", "/api/show", {"model": "nope"})
+    status, _, body = daemon.request("POST", "/api/show", {"model": "nope"})
     assert status == 404 and error_of(body) == "model 'nope:latest' not found"
-    status, _, body = http(daemon, "POST", "/api/show", {})
+    status, _, body = daemon.request("POST", "/api/show", {})
     assert status == 400 and error_of(body) == "model is required"
 
 
 def test_unknown_path_and_wrong_method(daemon: Daemon) -> None:
-    status, _, body = http(daemon, "GET", "/api/nothing-here")
+    status, _, body = daemon.request("GET", "/api/nothing-here")
     assert (status, body) == (404, b"404 page not found")
-    status, _, body = http(daemon, "GET", "/api/show")
+    status, _, body = daemon.request("GET", "/api/show")
     assert (status, body) == (405, b"405 method not allowed")
 
 
@@ -172,7 +154,7 @@ def test_num_predict_limits_and_stop_is_accepted_as_string(daemon: Daemon) -> No
         "stream": False,
         "options": {"num_predict": 3, "stop": "zzz", "mirostat": 1},
     }
-    status, ctype, payload = http(daemon, "POST", "/api/generate", body)
+    status, ctype, payload = daemon.request("POST", "/api/generate", body)
     assert status == 200 and ctype == "application/json; charset=utf-8"
     assert json.loads(payload)["eval_count"] == 3
 
@@ -183,8 +165,8 @@ def test_load_then_unload(client: ollama.Client, daemon: Daemon) -> None:
     running = client.ps().models
     assert [m.model for m in running] == ["tiny:latest"]
     assert running[0].expires_at is not None and running[0].context_length
-    status, ctype, payload = http(
-        daemon, "POST", "/api/generate", {"model": MODEL, "prompt": "", "keep_alive": 0}
+    status, ctype, payload = daemon.request(
+        "POST", "/api/generate", {"model": MODEL, "prompt": "", "keep_alive": 0}
     )
     assert status == 200 and ctype == "application/json; charset=utf-8"
     assert json.loads(payload)["done_reason"] == "unload"
@@ -271,20 +253,20 @@ def test_unknown_model_is_404_not_found(client: ollama.Client) -> None:
 def test_bad_requests_get_precise_errors(
     daemon: Daemon, path: str, body: bytes, status: int, message: str
 ) -> None:
-    got_status, ctype, payload = http(daemon, "POST", path, raw=body)
+    got_status, ctype, payload = daemon.request("POST", path, raw=body)
     assert got_status == status
     assert ctype == "application/json; charset=utf-8"
     assert message in error_of(payload)
 
 
 def test_think_false_is_fine_on_a_non_thinking_model(daemon: Daemon) -> None:
-    status, _, _ = http(daemon, "POST", "/api/generate", {"model": MODEL, "prompt": "", "think": False})
+    status, _, _ = daemon.request("POST", "/api/generate", {"model": MODEL, "prompt": "", "think": False})
     assert status == 200
 
 
 def test_ndjson_stream_has_no_blank_lines(daemon: Daemon) -> None:
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "options": SHORT}
-    status, ctype, payload = http(daemon, "POST", "/api/chat", body)
+    status, ctype, payload = daemon.request("POST", "/api/chat", body)
     assert status == 200 and ctype == "application/x-ndjson"
     lines = payload.split(b"\n")
     assert lines[-1] == b""

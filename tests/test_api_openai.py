@@ -21,7 +21,7 @@ import pytest
 from rkllama_ollama.api.openai import _tool_call
 from rkllama_ollama.chat.parse import ToolCall
 from rkllama_ollama.generation import ToolCallEvent
-from tests.support.daemon import Daemon
+from tests.support.daemon import Daemon, Reply
 
 MODEL = "tiny"
 # Every generation is seeded: unseeded, the random model may sample EOS early and end with "stop".
@@ -33,15 +33,8 @@ def client(daemon: Daemon) -> openai.OpenAI:
     return openai.OpenAI(base_url=daemon.url + "/v1", api_key="x", max_retries=0)
 
 
-def post(daemon: Daemon, path: str, body: Any = None, raw: bytes | None = None) -> tuple[int, str, bytes]:
-    data = raw if raw is not None else json.dumps(body).encode()
-    request = urllib.request.Request(daemon.url + path, data=data, method="POST")
-    request.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, response.headers.get("Content-Type", ""), response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.headers.get("Content-Type", ""), exc.read()
+def post(daemon: Daemon, path: str, body: Any = None, raw: bytes | None = None) -> Reply:
+    return daemon.request("POST", path, body, raw, headers={"Content-Type": "application/json"})
 
 
 def get(daemon: Daemon, path: str) -> tuple[int, str, bytes]:

@@ -4,8 +4,6 @@ and every error uses OpenAI's envelope. Generation is kept short (max_tokens is 
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.request
 from typing import Any
 
 from hypothesis import HealthCheck, event, given, settings
@@ -113,12 +111,8 @@ embedding_bodies = st.fixed_dictionaries(
 
 
 def post(daemon: Daemon, path: str, body: Any) -> tuple[int, bytes]:
-    request = urllib.request.Request(daemon.url + path, data=json.dumps(body).encode(), method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
+    reply = daemon.request("POST", path, body)
+    return reply.status, reply.body
 
 
 def assert_served(daemon: Daemon, path: str, body: Any) -> None:

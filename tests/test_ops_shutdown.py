@@ -205,14 +205,14 @@ async def test_end_all_gives_sse_ndjson_and_unstarted_requests_a_last_word(aioht
     started = asyncio.Event()
 
     async def sse(request: web.Request) -> web.StreamResponse:
-        out = wire.SseStream(request)
+        out = wire.sse_stream(request)
         await out.send({"delta": "a"})
         started.set()
         await asyncio.sleep(3600)
         return await out.finish()
 
     async def ndjson(request: web.Request) -> web.StreamResponse:
-        out = wire.NdjsonStream(request)
+        out = wire.ndjson_stream(request)
         await out.send({"response": "a", "done": False})
         started.set()
         await asyncio.sleep(3600)

@@ -168,8 +168,12 @@ def test_killed_connection_leaves_no_model_and_pull_resumes(pull_daemon: Daemon,
             break
     conn.sock.close()  # type: ignore[union-attr]
     conn.close()
-    hub.release()
     deadline = time.monotonic() + 30
+    # Let the Hub go on only once the daemon has seen the client leave: otherwise, on a busy machine, the
+    # download can finish its last MiB before the cancellation lands and there is nothing to resume.
+    while time.monotonic() < deadline and "pull cancelled: no client waits" not in pull_daemon.log():
+        time.sleep(0.05)
+    hub.release()
     partial: list[Path] = []
     while time.monotonic() < deadline and not partial:
         partial = list(pull_daemon.models_dir.glob(".pull-*/**/*.partial"))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
-import re
 import signal
-import socket
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,47 +30,23 @@ def own_daemon(tmp_path: Path) -> Iterator[Daemon]:
     server.stop()
 
 
-def open_stream(daemon: Daemon, body: dict) -> tuple[socket.socket, bytes]:
-    """Send a streaming request by hand and read until the first NDJSON line has arrived."""
-    sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=60)
-    payload = json.dumps(body).encode()
-    sock.sendall(
-        b"POST /api/chat HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-        + f"Content-Length: {len(payload)}\r\n\r\n".encode()
-        + payload
-    )
-    received = b""
-    while b'"done":false' not in received:
-        chunk = sock.recv(65536)
-        assert chunk, "connection closed before the first token"
-        received += chunk
-    return sock, received
-
-
-def ended_generations(daemon: Daemon) -> list[tuple[str, int]]:
-    return [
-        (m[0], int(m[1]))
-        for m in re.findall(r"ended: (\w+), \d+ prompt tokens fed, (\d+) generated", daemon.log())
-    ]
-
-
 def test_a_client_that_disconnects_frees_the_session(own_daemon: Daemon) -> None:
     body = {"model": "tiny", "messages": [{"role": "user", "content": "go on"}], "options": LONG}
-    sock, _ = open_stream(own_daemon, body)
+    sock, _ = own_daemon.open_stream("/api/chat", body)
     sock.close()
     # The next request gets the session; the abandoned one was stopped, not run to its 20000 tokens.
     reply = ollama.Client(host=own_daemon.url).chat(
         "tiny", messages=[{"role": "user", "content": "next"}], options={"num_predict": 4, "num_ctx": 32768}
     )
     assert reply.done and reply.eval_count == 4
-    ended = ended_generations(own_daemon)
+    ended = own_daemon.ended_generations()
     assert ended[0][0] == "abort" and ended[0][1] < LONG["num_predict"]
     assert ended[-1] == ("length", 4)
 
 
 def test_killing_the_runner_mid_generation_is_an_error_line_then_recovery(own_daemon: Daemon) -> None:
     body = {"model": "tiny", "messages": [{"role": "user", "content": "go on"}], "options": LONG}
-    sock, received = open_stream(own_daemon, body)
+    sock, received = own_daemon.open_stream("/api/chat", body)
     runners = own_daemon.runner_pids()
     assert len(runners) == 1
     os.kill(runners[0], signal.SIGKILL)
@@ -87,3 +65,37 @@ def test_killing_the_runner_mid_generation_is_an_error_line_then_recovery(own_da
     reply = client.chat("tiny", messages=[{"role": "user", "content": "again"}], options={"num_predict": 3})
     assert reply.done and reply.eval_count == 3
     assert len(own_daemon.runner_pids()) == 1 and own_daemon.runner_pids() != runners
+
+
+def test_a_full_queue_is_503_with_retry_after_in_both_faces(tmp_path: Path) -> None:
+    store = tmp_path / "models"
+    make_gguf_model(store, "tiny", context_length=32768)
+    server = Daemon(store, env={"RKLLAMA_MAX_QUEUE": "1"}).start()
+    try:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "go on"}], "options": LONG}
+        sock, _ = server.open_stream("/api/chat", body)  # holds the session
+        queued = {"model": "tiny", "prompt": "x", "stream": False, "options": {"num_predict": 2}}
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(server.request, "POST", "/api/generate", queued)  # fills the queue
+            deadline = time.monotonic() + 30
+            while (
+                time.monotonic() < deadline
+                and "rkllama_queue_depth 1.0" not in server.request("GET", "/metrics").body.decode()
+            ):
+                time.sleep(0.02)
+            refused = urllib.request.Request(
+                server.url + "/api/chat", data=json.dumps({**body, "stream": False}).encode(), method="POST"
+            )
+            with pytest.raises(urllib.error.HTTPError) as info:
+                urllib.request.urlopen(refused, timeout=60)
+            assert info.value.code == 503 and info.value.headers["Retry-After"] == "1"
+            assert json.loads(info.value.read()) == {
+                "error": "server busy, please try again.  maximum pending requests exceeded"
+            }
+            openai_body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}]}
+            reply = server.request("POST", "/v1/chat/completions", openai_body)
+            assert reply.status == 503 and reply.json()["error"]["type"] == "api_error"
+            sock.close()  # the held stream goes away; the queued request gets its turn
+            assert waiting.result(timeout=60).status == 200
+    finally:
+        server.stop()

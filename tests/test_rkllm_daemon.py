@@ -5,9 +5,6 @@ One daemon per family (RKLLAMA_RKLLM_LIB points at that family's simulator), dri
 
 from __future__ import annotations
 
-import json
-import re
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -72,25 +69,15 @@ def test_multibyte_reply_arrives_intact_streamed_and_not(family_daemon: Daemon) 
 
 
 def test_abort_on_disconnect_frees_the_session(family_daemon: Daemon) -> None:
-    sock = socket.create_connection(("127.0.0.1", family_daemon.port), timeout=60)
-    body = json.dumps({"model": "slow", "messages": [{"role": "user", "content": "go"}]}).encode()
-    sock.sendall(
-        b"POST /api/chat HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-        + f"Content-Length: {len(body)}\r\n\r\n".encode()
-        + body
+    sock, _ = family_daemon.open_stream(
+        "/api/chat", {"model": "slow", "messages": [{"role": "user", "content": "go"}]}
     )
-    received = b""
-    while b'"done":false' not in received:
-        chunk = sock.recv(65536)
-        assert chunk
-        received += chunk
     sock.close()
     reply = ollama.Client(host=family_daemon.url).chat(
         "slow", messages=[{"role": "user", "content": "x"}], options={"num_predict": 5}
     )
     assert reply.done and reply.eval_count == 5
-    ended = re.findall(r"ended: (\w+), \d+ prompt tokens fed, (\d+) generated", family_daemon.log())
-    aborted = [int(n) for reason, n in ended if reason == "abort"]
+    aborted = [n for reason, n in family_daemon.ended_generations() if reason == "abort"]
     assert aborted and aborted[-1] < len(LONG_REPLY.encode())
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,7 +31,7 @@ from rkllama_ollama.structured import (
     validated_answer,
 )
 from tests.rkllm_support.sim import build_simulators, write_byte_tokenizer, write_model
-from tests.support.daemon import Daemon
+from tests.support.daemon import Daemon, http_request
 
 # Only bounded values: a random model's strings might not close within num_predict.
 SCHEMA: dict[str, Any] = {
@@ -50,12 +48,8 @@ LONG_ENOUGH = {"num_predict": 200, "seed": 11}
 
 
 def post(url: str, body: Any) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
+    reply = http_request(url, "POST", body)
+    return reply.status, reply.body
 
 
 # -- unit: format checking and answer validation ---------------------------------------------------

@@ -89,7 +89,6 @@ def test_ollama_tool_call_arrives_as_an_object(sim_daemon: Daemon, stream: bool)
 
 def test_ollama_tool_call_has_id_and_index_on_the_wire(sim_daemon: Daemon) -> None:
     """Ollama's wire shape: `id` is call_ + 8 characters, `function.index` is always present."""
-    import urllib.request
 
     body = {
         "model": "caller",
@@ -97,11 +96,7 @@ def test_ollama_tool_call_has_id_and_index_on_the_wire(sim_daemon: Daemon) -> No
         "tools": [WEATHER_TOOL],
         "stream": False,
     }
-    request = urllib.request.Request(
-        sim_daemon.url + "/api/chat", data=json.dumps(body).encode(), method="POST"
-    )
-    with urllib.request.urlopen(request, timeout=60) as response:
-        call = json.loads(response.read())["message"]["tool_calls"][0]
+    call = sim_daemon.request("POST", "/api/chat", body).json()["message"]["tool_calls"][0]
     assert call["id"].startswith("call_") and len(call["id"]) == 13
     assert call["function"]["index"] == 0
 

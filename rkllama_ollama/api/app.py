@@ -23,10 +23,11 @@ from rkllama_ollama.api.openai import OpenAiApi
 from rkllama_ollama.api.security import install_security, security_middlewares
 from rkllama_ollama.api.shutdown import InFlightRequests
 from rkllama_ollama.config import Settings
-from rkllama_ollama.generation import Generator
+from rkllama_ollama.generation import Generator, InputTooLong
 from rkllama_ollama.models.names import InvalidModelName
 from rkllama_ollama.models.store import Store
-from rkllama_ollama.scheduler import Scheduler, runner_environment
+from rkllama_ollama.runtime.base import RuntimeFailure
+from rkllama_ollama.scheduler import QueueFull, Scheduler, runner_environment
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +44,22 @@ def _error(
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Exceptions -> error bodies. The request log line is written by api/metrics.observe_middleware."""
+    """Exceptions -> error bodies in the face's shape (`/v1` OpenAI's, everything else Ollama's).
+
+    Raised before a response was prepared: once a stream has started, only the face can end it with an
+    error line. The request log line is written by api/metrics.observe_middleware."""
     try:
         return await handler(request)
     except wire.BadRequest as exc:
         return _error(request, exc.status, exc.message)
     except InvalidModelName as exc:
         return _error(request, 400, str(exc) or "invalid model name")
+    except QueueFull as exc:
+        return _error(request, 503, str(exc), {"Retry-After": "1"})
+    except InputTooLong as exc:
+        return _error(request, 400, str(exc))
+    except RuntimeFailure as exc:  # before any byte was written; mid-stream failures are the face's
+        return _error(request, 500, str(exc))
     except web.HTTPNotFound:
         return web.Response(status=404, text="404 page not found", content_type="text/plain")
     except web.HTTPMethodNotAllowed:

@@ -14,7 +14,6 @@ import logging
 from contextlib import aclosing
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from rkllama_ollama.api import wire
@@ -27,17 +26,16 @@ from rkllama_ollama.generation import (
     Content,
     Done,
     GenerationRequest,
-    Loaded,
     Thinking,
+    first_event,
 )
 from rkllama_ollama.models.names import InvalidModelName, name_from_folder
 from rkllama_ollama.models.store import ModelEntry, ModelNotFound, StoreError
 from rkllama_ollama.runtime.base import RuntimeFailure
-from rkllama_ollama.scheduler import QueueFull
 
 log = logging.getLogger(__name__)
 
-STREAM_CONTENT_TYPE = "application/json"
+STREAM_CONTENT_TYPE = "application/json"  # the seed streams JSON objects separated by blank lines
 LOAD_KEEP_ALIVE_S = -1.0  # the seed keeps a loaded model until /unload_model
 
 
@@ -104,10 +102,8 @@ class NativeApi:
         entry = await self.resolve(name)
         try:
             await self.ctx.generator.load(entry, {}, LOAD_KEEP_ALIVE_S)
-        except QueueFull as exc:
-            return wire.error_response(503, str(exc), headers={"Retry-After": "1"})
         except RuntimeFailure as exc:
-            return wire.error_response(500, f"failed to load model '{name}': {exc}")
+            raise RuntimeFailure(f"failed to load model '{name}': {exc}") from exc
         return wire.json_response(
             {"status": "loaded", "model_name": native_name(entry), "message": f"Model {name} loaded"}
         )
@@ -169,16 +165,7 @@ class NativeApi:
             raise BadRequest(str(exc)) from None
         gen = GenerationRequest(entry=entry, messages=messages, interactive=stream is not False)
         async with aclosing(self.ctx.generator.run(gen)) as events:
-            try:
-                first = await anext(events)
-                while isinstance(first, Loaded):
-                    first = await anext(events)
-            except StopAsyncIteration:
-                return wire.error_response(500, "generation ended without a result")
-            except QueueFull as exc:
-                return wire.error_response(503, str(exc), headers={"Retry-After": "1"})
-            except RuntimeFailure as exc:
-                return wire.error_response(500, str(exc))
+            first = await first_event(events)
             if stream is False:
                 return await self._collect(entry, first, events)
             return await self._stream(request, entry, first, events)
@@ -186,12 +173,8 @@ class NativeApi:
     async def _stream(
         self, request: web.Request, entry: ModelEntry, first: Any, events: Any
     ) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": STREAM_CONTENT_TYPE})
-        await response.prepare(request)
-
-        async def send(obj: dict[str, Any]) -> None:
-            await response.write(orjson.dumps(obj) + b"\n\n")
-
+        out = wire.JsonStream(request, STREAM_CONTENT_TYPE, suffix=b"\n\n")  # the seed's framing
+        send = out.send
         event = first
         try:
             while event is not None:
@@ -214,34 +197,30 @@ class NativeApi:
         except RuntimeFailure as exc:
             log.warning("native generation failed mid-stream model=%s: %s", entry.name.display, exc)
             await send({"error": str(exc)})
-        await response.write_eof()
-        return response
+        return await out.finish()
 
     async def _collect(self, entry: ModelEntry, first: Any, events: Any) -> web.Response:
         content: list[str] = []
         event = first
-        try:
-            while event is not None:
-                if isinstance(event, Done):
-                    text = "".join(content)
-                    stats = event.stats
-                    return wire.json_response(
-                        {
-                            "model": native_name(entry),
-                            "response": text,
-                            "tokens_generated": stats.eval_count,
-                            "tokens_per_second": tokens_per_second(event),
-                            "choices": choice(text, "stop"),
-                            "usage": {
-                                "prompt_tokens": stats.prompt_tokens,
-                                "completion_tokens": stats.eval_count,
-                                "total_tokens": stats.prompt_tokens + stats.eval_count,
-                            },
-                        }
-                    )
-                if isinstance(event, Content):
-                    content.append(event.text)
-                event = await anext(events, None)
-        except RuntimeFailure as exc:
-            return wire.error_response(500, str(exc))
-        return wire.error_response(500, "generation ended without a final result")
+        while event is not None:
+            if isinstance(event, Done):
+                text = "".join(content)
+                stats = event.stats
+                return wire.json_response(
+                    {
+                        "model": native_name(entry),
+                        "response": text,
+                        "tokens_generated": stats.eval_count,
+                        "tokens_per_second": tokens_per_second(event),
+                        "choices": choice(text, "stop"),
+                        "usage": {
+                            "prompt_tokens": stats.prompt_tokens,
+                            "completion_tokens": stats.eval_count,
+                            "total_tokens": stats.prompt_tokens + stats.eval_count,
+                        },
+                    }
+                )
+            if isinstance(event, Content):
+                content.append(event.text)
+            event = await anext(events, None)
+        raise RuntimeFailure("generation ended without a final result")

@@ -28,10 +28,9 @@ from rkllama_ollama.generation import (
     Embeddings,
     Event,
     GenerationRequest,
-    InputTooLong,
-    Loaded,
     Thinking,
     ToolCallEvent,
+    first_event,
     l2_normalised,
 )
 from rkllama_ollama.models.modelfile import Modelfile, ModelfileError, parse_modelfile
@@ -39,7 +38,6 @@ from rkllama_ollama.models.names import InvalidModelName, ModelName, parse_name
 from rkllama_ollama.models.store import WEIGHT_SUFFIXES, ModelEntry, ModelNotFound, StoreError
 from rkllama_ollama.options import KNOWN_OPTIONS, OptionError, validate_options
 from rkllama_ollama.runtime.base import RuntimeFailure
-from rkllama_ollama.scheduler import QueueFull
 from rkllama_ollama.structured import Format, FormatError, check_format
 
 log = logging.getLogger(__name__)
@@ -457,19 +455,12 @@ class OllamaApi:
 
     async def _embed(
         self, entry: ModelEntry, inputs: list[str], truncate: bool, body: dict[str, Any]
-    ) -> Embeddings | web.Response:
+    ) -> Embeddings:
         options = parse_options(body)
         keep_alive = parse_keep_alive_field(body)
-        try:
-            return await self.ctx.generator.embed(
-                entry, inputs, truncate=truncate, options=options, keep_alive_s=keep_alive
-            )
-        except QueueFull as exc:
-            return wire.error_response(503, str(exc), headers={"Retry-After": "1"})
-        except InputTooLong as exc:
-            return wire.error_response(400, str(exc))
-        except RuntimeFailure as exc:
-            return wire.error_response(500, str(exc))
+        return await self.ctx.generator.embed(
+            entry, inputs, truncate=truncate, options=options, keep_alive_s=keep_alive
+        )
 
     async def embed(self, request: web.Request) -> web.Response:
         body = await wire.read_json_body(request)
@@ -483,14 +474,9 @@ class OllamaApi:
         parse_keep_alive_field(body)
         entry = await self._embedding_model(label)
         result = await self._embed(entry, inputs, truncate is not False, body)
-        if isinstance(result, web.Response):
-            return result
         if not inputs:
             return wire.json_response({"model": label, "embeddings": []})
-        try:
-            vectors = [l2_normalised(vector, dimensions) for vector in result.vectors]
-        except RuntimeFailure as exc:
-            return wire.error_response(500, str(exc))
+        vectors = [l2_normalised(vector, dimensions) for vector in result.vectors]
         reply: dict[str, Any] = {
             "model": label,
             "embeddings": vectors,
@@ -510,8 +496,6 @@ class OllamaApi:
         parse_keep_alive_field(body)
         entry = await self._embedding_model(label)
         result = await self._embed(entry, [prompt] if prompt else [], True, body)
-        if isinstance(result, web.Response):
-            return result
         vector = result.vectors[0] if prompt else []
         if not all(math.isfinite(value) for value in vector):
             return wire.error_response(500, "the embedding contains NaN or infinite values")
@@ -599,7 +583,7 @@ class OllamaApi:
         statuses += [{"status": "writing manifest"}, {"status": "success"}]
         if stream is False:
             return wire.json_response(statuses[-1], charset=False)
-        out = wire.NdjsonStream(request)
+        out = wire.ndjson_stream(request)
         for status in statuses:
             await out.send(status)
         return await out.finish()
@@ -669,15 +653,10 @@ class OllamaApi:
         final: Callable[[Done, _Collected | None], dict[str, Any]],
     ) -> web.StreamResponse:
         async with aclosing(self.ctx.generator.run(gen)) as events:
-            try:
-                first = await _first_output(events)
-            except QueueFull as exc:
-                return wire.error_response(503, str(exc), headers={"Retry-After": "1"})
-            except RuntimeFailure as exc:
-                return wire.error_response(500, str(exc))
+            first = await first_event(events)
             if not stream:
                 return await self._collect(first, events, final)
-            out = wire.NdjsonStream(request)
+            out = wire.ndjson_stream(request)
             try:
                 event: Event | None = first
                 while event is not None:
@@ -699,15 +678,12 @@ class OllamaApi:
     ) -> web.Response:
         collected = _Collected()
         event: Event | None = first
-        try:
-            while event is not None:
-                if isinstance(event, Done):
-                    return wire.json_response(final(event, collected))
-                collected.add(event)
-                event = await anext(events, None)
-        except RuntimeFailure as exc:
-            return wire.error_response(500, str(exc))
-        return wire.error_response(500, "generation ended without a final result")
+        while event is not None:
+            if isinstance(event, Done):
+                return wire.json_response(final(event, collected))
+            collected.add(event)
+            event = await anext(events, None)
+        raise RuntimeFailure("generation ended without a final result")
 
 
 class _Collected:
@@ -731,14 +707,6 @@ class _Collected:
     @property
     def thinking(self) -> str:
         return "".join(self._thinking)
-
-
-async def _first_output(events: AsyncIterator[Event]) -> Event:
-    """Wait past loading to the first real event, so early failures still get an HTTP status."""
-    async for event in events:
-        if not isinstance(event, Loaded):
-            return event
-    raise RuntimeFailure("generation ended without a result")
 
 
 # ------------------------------------------------------------------------------------------------

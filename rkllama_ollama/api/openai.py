@@ -13,7 +13,7 @@ import logging
 import random
 import struct
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -39,15 +39,13 @@ from rkllama_ollama.generation import (
     Done,
     Event,
     GenerationRequest,
-    InputTooLong,
-    Loaded,
     Thinking,
     ToolCallEvent,
+    first_event,
     l2_normalised,
 )
 from rkllama_ollama.models.store import ModelEntry, ModelNotFound
 from rkllama_ollama.runtime.base import RuntimeFailure
-from rkllama_ollama.scheduler import QueueFull
 
 log = logging.getLogger(__name__)
 
@@ -105,14 +103,6 @@ class _Answer:
             self.reasoning.append(event.text)
         elif isinstance(event, ToolCallEvent):
             self.tool_calls.append(_tool_call(event))
-
-
-async def _first_output(events: AsyncIterator[Event]) -> Event | None:
-    """Wait past loading to the first real event, so early failures still get an HTTP status."""
-    async for event in events:
-        if not isinstance(event, Loaded):
-            return event
-    return None
 
 
 class OpenAiApi:
@@ -312,15 +302,8 @@ class OpenAiApi:
             entry = await asyncio.to_thread(self.ctx.store.resolve, label)
         except ModelNotFound:
             return _error(404, f'model "{label}" not found, try pulling it first')
-        try:
-            result = await self.ctx.generator.embed(entry, inputs, truncate=True)
-            vectors = [l2_normalised(vector, dimensions) for vector in result.vectors]
-        except QueueFull as exc:
-            return _error(503, str(exc), headers={"Retry-After": "1"})
-        except InputTooLong as exc:
-            return _error(400, str(exc))
-        except RuntimeFailure as exc:
-            return _error(500, str(exc))
+        result = await self.ctx.generator.embed(entry, inputs, truncate=True)
+        vectors = [l2_normalised(vector, dimensions) for vector in result.vectors]
         data = [
             {"object": "embedding", "embedding": _encoded(vector, encoding), "index": index}
             for index, vector in enumerate(vectors)
@@ -336,17 +319,12 @@ class OpenAiApi:
         self, gen: GenerationRequest, whole: Callable[[Done, _Answer], dict[str, Any]]
     ) -> web.Response:
         answer = _Answer()
-        try:
-            async with aclosing(self.ctx.generator.run(gen)) as events:
-                async for event in events:
-                    if isinstance(event, Done):
-                        return wire.json_response(whole(event, answer), charset=False)
-                    answer.add(event)
-        except QueueFull as exc:
-            return _error(503, str(exc), headers={"Retry-After": "1"})
-        except RuntimeFailure as exc:
-            return _error(500, str(exc))
-        return _error(500, "generation ended without a final result")
+        async with aclosing(self.ctx.generator.run(gen)) as events:
+            async for event in events:
+                if isinstance(event, Done):
+                    return wire.json_response(whole(event, answer), charset=False)
+                answer.add(event)
+        raise RuntimeFailure("generation ended without a final result")
 
     async def _stream(
         self,
@@ -355,15 +333,10 @@ class OpenAiApi:
         chunks: Callable[[Event], list[dict[str, Any]]],
     ) -> web.StreamResponse:
         async with aclosing(self.ctx.generator.run(gen)) as events:
+            first = await first_event(events)
+            out = wire.sse_stream(request)
             try:
-                first = await _first_output(events)
-            except QueueFull as exc:
-                return _error(503, str(exc), headers={"Retry-After": "1"})
-            except RuntimeFailure as exc:
-                return _error(500, str(exc))
-            out = wire.SseStream(request)
-            try:
-                event = first
+                event: Event | None = first
                 while event is not None:
                     for chunk in chunks(event):
                         await out.send(chunk)

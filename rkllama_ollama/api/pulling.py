@@ -44,7 +44,7 @@ async def respond_pull(request: web.Request, store: Store, name: str, stream: bo
             except PullError as exc:
                 return wire.error_response(exc.status, str(exc))
             return wire.json_response(last.to_json())
-        out = wire.NdjsonStream(request)
+        out = wire.ndjson_stream(request)
         try:
             await out.send(first.to_json())
             async for event in events:

@@ -70,57 +70,62 @@ def rfc3339_local(moment: dt.datetime) -> str:
     return text + (offset[:3] + ":" + offset[3:] if offset else "Z")
 
 
-class NdjsonStream:
-    """An NDJSON response written line by line as events arrive. No blank lines, no compression."""
+class JsonStream:
+    """A streamed response of JSON objects written as events arrive (no buffering, no compression).
 
-    def __init__(self, request: web.Request, status: int = 200) -> None:
+    Each object is framed as `prefix + json + suffix`; `trailer` is written once at the end. The headers
+    go out with the first object, so a handler can still answer with a plain error until then.
+    """
+
+    def __init__(
+        self,
+        request: web.Request,
+        content_type: str,
+        *,
+        prefix: bytes = b"",
+        suffix: bytes = b"\n",
+        trailer: bytes = b"",
+        headers: dict[str, str] | None = None,
+    ) -> None:
         self._request = request
-        self.response = web.StreamResponse(status=status, headers={"Content-Type": NDJSON})
-        self.started = False
-
-    async def start(self) -> None:
-        if not self.started:
-            self.started = True
-            await self.response.prepare(self._request)
-
-    async def send(self, obj: Any) -> None:
-        if not self.started:
-            await self.start()
-        await self.response.write(orjson.dumps(obj) + b"\n")
-
-    async def finish(self) -> web.StreamResponse:
-        if not self.started:
-            await self.start()
-        await self.response.write_eof()
-        return self.response
-
-
-class SseStream:
-    """A Server-Sent Events response (`data: <json>\\n\\n`, ending with `data: [DONE]`)."""
-
-    def __init__(self, request: web.Request) -> None:
-        self._request = request
+        self._prefix = prefix
+        self._suffix = suffix
+        self._trailer = trailer
         self.response = web.StreamResponse(
-            status=200, headers={"Content-Type": SSE, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+            status=200, headers={"Content-Type": content_type, **(headers or {})}
         )
-        self.started = False
 
-    async def start(self) -> None:
-        if not self.started:
-            self.started = True
+    async def _start(self) -> None:
+        if not self.response.prepared:
             await self.response.prepare(self._request)
 
     async def send(self, obj: Any) -> None:
-        if not self.started:
-            await self.start()
-        await self.response.write(b"data: " + orjson.dumps(obj) + b"\n\n")
+        await self._start()
+        await self.response.write(self._prefix + orjson.dumps(obj) + self._suffix)
 
     async def finish(self) -> web.StreamResponse:
-        if not self.started:
-            await self.start()
-        await self.response.write(b"data: [DONE]\n\n")
+        await self._start()
+        if self._trailer:
+            await self.response.write(self._trailer)
         await self.response.write_eof()
         return self.response
+
+
+def ndjson_stream(request: web.Request) -> JsonStream:
+    """Ollama's `/api/*` stream: one compact object per line, never a blank line."""
+    return JsonStream(request, NDJSON)
+
+
+def sse_stream(request: web.Request) -> JsonStream:
+    """OpenAI's `/v1/*` stream: `data: <json>` events, ending with `data: [DONE]`."""
+    return JsonStream(
+        request,
+        SSE,
+        prefix=b"data: ",
+        suffix=b"\n\n",
+        trailer=b"data: [DONE]\n\n",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 class BadRequest(Exception):

@@ -2,15 +2,58 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NamedTuple
+
+ENDED_RE = re.compile(r"ended: (\w+), \d+ prompt tokens fed, (\d+) generated")
+
+
+class Reply(NamedTuple):
+    """One HTTP answer, whatever its status (unpacks as `status, content_type, body`)."""
+
+    status: int
+    content_type: str
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def error(self) -> str:
+        return self.json()["error"]
+
+
+def error_of(payload: bytes) -> str:
+    """The `error` of an Ollama error body."""
+    return json.loads(payload)["error"]
+
+
+def http_request(
+    url: str,
+    method: str = "POST",
+    body: Any = None,
+    raw: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> Reply:
+    """A plain HTTP request (JSON `body` or `raw` bytes); error statuses are answers, not exceptions."""
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return Reply(response.status, response.headers.get("Content-Type", ""), response.read())
+    except urllib.error.HTTPError as exc:
+        return Reply(exc.code, exc.headers.get("Content-Type", ""), exc.read())
 
 
 def free_port() -> int:
@@ -71,6 +114,36 @@ class Daemon:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        raw: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Reply:
+        return http_request(self.url + path, method, body, raw, headers)
+
+    def open_stream(self, path: str, body: dict[str, Any]) -> tuple[socket.socket, bytes]:
+        """Send a streaming request by hand and read until the first NDJSON chunk has arrived."""
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=60)
+        payload = json.dumps(body).encode()
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n".encode()
+            + f"Content-Length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
+        received = b""
+        while b'"done":false' not in received:
+            chunk = sock.recv(65536)
+            assert chunk, "connection closed before the first token"
+            received += chunk
+        return sock, received
+
+    def ended_generations(self) -> list[tuple[str, int]]:
+        """(done_reason, tokens generated) of every generation the runner logged, in order."""
+        return [(reason, int(count)) for reason, count in ENDED_RE.findall(self.log())]
 
     def runner_pids(self) -> list[int]:
         return child_pids(self.process.pid) if self.process else []
