@@ -21,9 +21,10 @@ from rkllama_ollama.cli_format import (
     table,
 )
 from rkllama_ollama.cli_repl import Session, is_terminal, run
-from rkllama_ollama.client import Client, DaemonError, DaemonUnreachable, sha256_of_file
+from rkllama_ollama.client import Client, DaemonError, DaemonUnreachable
 from rkllama_ollama.config import ConfigError, Settings, parse_host, settings_from_env
 from rkllama_ollama.models.modelfile import ModelfileError, parse_modelfile
+from rkllama_ollama.models.store import sha256_file
 
 log = logging.getLogger("rkllama_ollama")
 
@@ -173,7 +174,7 @@ def cmd_create(args: argparse.Namespace, settings: Settings) -> int:
     weights = weights_path(path, modelfile.from_)
     if weights is not None:
         print(f"gathering model components from {weights.name}")
-        hex_digest = sha256_of_file(weights)
+        hex_digest = sha256_file(weights)
         if not client.blob_exists(hex_digest):
             client.upload_blob(hex_digest, weights)
             print(f"copying file sha256:{hex_digest} 100%")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import urllib.error
 import urllib.request
@@ -57,14 +56,6 @@ def error_message(status: int, body: bytes) -> str:
             return error
     text = body.decode("utf-8", "replace").strip()
     return text or f"HTTP {status}"
-
-
-def sha256_of_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(UPLOAD_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass

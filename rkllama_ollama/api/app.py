@@ -111,6 +111,7 @@ def create_app(settings: Settings, ctx: AppContext | None = None) -> web.Applica
     app.add_routes(NativeApi(ctx).routes())
 
     async def on_startup(app: web.Application) -> None:
+        await asyncio.to_thread(ctx.store.remove_leftovers)  # staging/trash of an interrupted process
         ctx.store.hash_pending_in_background()
 
     async def on_cleanup(app: web.Application) -> None:

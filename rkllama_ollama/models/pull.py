@@ -53,7 +53,7 @@ from huggingface_hub.utils import build_hf_headers
 from .catalogue import KNOWN_SOCS, Catalogue, CatalogueError, detect_soc, load_catalogue
 from .modelfile import Modelfile
 from .names import InvalidModelName, ModelName, parse_name
-from .store import MANIFEST_NAME, MANIFEST_VERSION, MODELFILE_NAME, Store
+from .store import MANIFEST_NAME, MANIFEST_VERSION, MODELFILE_NAME, Store, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,6 @@ TOKENIZER_FILES = (
 DISK_MARGIN = 64 << 20  # bytes kept free beyond the download
 PROGRESS_INTERVAL = 0.1  # seconds between progress events of one layer
 DOWNLOAD_CHUNK = 1 << 20  # huggingface_hub's read size (default 10 MiB) sets the progress granularity
-HASH_CHUNK = 1 << 20
 PULL_DIR_PREFIX = ".pull-"
 PARTIAL_SUFFIX = ".partial"
 
@@ -396,14 +395,6 @@ def _progress_class(on_bytes: Callable[[int, int | None, int], None], cancelled:
     return _Progress
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _pull_dir(store: Store, remote: RemoteFile) -> Path:
     key = hashlib.sha256(f"{remote.repo}\n{remote.path}\n{remote.revision}".encode()).hexdigest()[:16]
     return store.root / f"{PULL_DIR_PREFIX}{key}"
@@ -622,7 +613,7 @@ class Puller:
 
     @staticmethod
     def _verify(remote: RemoteFile, local: Path, folder: Path) -> str:
-        actual = sha256_of(local)
+        actual = sha256_file(local)
         if remote.sha256 is not None and actual != remote.sha256.lower():
             shutil.rmtree(folder, ignore_errors=True)
             raise PullError(

@@ -114,7 +114,8 @@ def find_embedded_weights() -> Path | None:
     return None
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks (weights are gigabytes)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(HASH_CHUNK):
@@ -452,7 +453,7 @@ class Store:
     def _hash_entry(self, entry: ModelEntry) -> str:
         before = entry.weights.stat()
         log.info("hashing model weights name=%s path=%s", entry.name.display, entry.weights)
-        sha = _sha256_file(entry.weights)
+        sha = sha256_file(entry.weights)
         after = entry.weights.stat()
         if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
             raise StoreError(f"weights of {entry.name.display} changed while being hashed")
