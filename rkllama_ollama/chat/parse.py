@@ -93,11 +93,32 @@ class _Events:
                 self.text(kind, value)
 
 
+class _BufferedParser:
+    """A streaming parser: text accumulates in `_pending`; `_advance` emits what is decided and keeps
+    only what might still turn out to be a tag."""
+
+    _pending: str
+
+    def feed(self, text: str) -> list[Event]:
+        events = _Events()
+        self._pending += text
+        self._advance(events, final=False)
+        return events.items
+
+    def flush(self) -> list[Event]:
+        events = _Events()
+        self._advance(events, final=True)
+        return events.items
+
+    def _advance(self, events: _Events, *, final: bool) -> None:
+        raise NotImplementedError
+
+
 # --------------------------------------------------------------------------------------------------
 # thinking
 
 
-class ThinkingSplitter:
+class ThinkingSplitter(_BufferedParser):
     """Splits `<think>...</think>` reasoning from the answer.
 
     - `start_in_thinking`: the prompt already opened the block (the template ends with the open tag),
@@ -122,17 +143,6 @@ class ThinkingSplitter:
         self._state = self._EAT_THINKING_START if start_in_thinking else self._LOOK_FOR_OPEN
         self._may_repeat_open = start_in_thinking
         self._pending = ""
-
-    def feed(self, text: str) -> list[Event]:
-        events = _Events()
-        self._pending += text
-        self._advance(events, final=False)
-        return events.items
-
-    def flush(self) -> list[Event]:
-        events = _Events()
-        self._advance(events, final=True)
-        return events.items
 
     def _advance(self, events: _Events, *, final: bool) -> None:
         while True:
@@ -383,7 +393,7 @@ _LLAMA_CALL_KEYS = frozenset({"name", "type", "function", "parameters", "argumen
 _LLAMA_SEPARATORS = " \t\r\n;"
 
 
-class ToolCallParser:
+class ToolCallParser(_BufferedParser):
     """Extracts tool calls from the content stream; everything else passes through as content.
 
     A call whose body does not parse is emitted as content, tags and all (never lost). In the
@@ -413,17 +423,6 @@ class ToolCallParser:
         self._json_end = _JsonObjectEnd()
         self._first_key_checked = False
         self._count = 0
-
-    def feed(self, text: str) -> list[Event]:
-        events = _Events()
-        self._pending += text
-        self._advance(events, final=False)
-        return events.items
-
-    def flush(self) -> list[Event]:
-        events = _Events()
-        self._advance(events, final=True)
-        return events.items
 
     def _emit_calls(self, events: _Events, calls: list[tuple[str, dict[str, Any]]]) -> None:
         for name, arguments in calls:
