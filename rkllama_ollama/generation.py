@@ -116,15 +116,17 @@ class Embeddings:
     total_ns: int
 
 
-def l2_normalised(vector: list[float], dimensions: int | None = None) -> list[float]:
-    """Cut to `dimensions` (when given), then scale to unit length; a zero vector stays zero.
+def finite_vectors(vectors: list[list[float]]) -> list[list[float]]:
+    """The vectors as they are; RuntimeFailure on NaN or infinite values (Ollama refuses to return them)."""
+    if not all(math.isfinite(value) for vector in vectors for value in vector):
+        raise RuntimeFailure("the embedding contains NaN or infinite values")
+    return vectors
 
-    Raises RuntimeFailure on NaN or infinite values (Ollama refuses to return them).
-    """
+
+def l2_normalised(vector: list[float], dimensions: int | None = None) -> list[float]:
+    """Cut to `dimensions` (when given), then scale to unit length; a zero vector stays zero."""
     if dimensions is not None:
         vector = vector[:dimensions]
-    if not all(math.isfinite(value) for value in vector):
-        raise RuntimeFailure("the embedding contains NaN or infinite values")
     norm = math.sqrt(math.fsum(value * value for value in vector))
     return [value / norm for value in vector] if norm > 0 else [0.0 for _ in vector]
 
@@ -231,7 +233,7 @@ class Generator:
                         raise InputTooLong(INPUT_TOO_LONG) from None
                     raise
             self.scheduler.touch(keep_alive_s)
-        vectors = result.vectors if result is not None else []
+        vectors = finite_vectors(result.vectors) if result is not None else []
         if len(vectors) != len(inputs):
             raise RuntimeFailure(f"the runtime returned {len(vectors)} vectors for {len(inputs)} inputs")
         prompt_tokens = result.prompt_tokens if result is not None else 0

@@ -496,10 +496,7 @@ class OllamaApi:
         parse_keep_alive_field(body)
         entry = await self._embedding_model(label)
         result = await self._embed(entry, [prompt] if prompt else [], True, body)
-        vector = result.vectors[0] if prompt else []
-        if not all(math.isfinite(value) for value in vector):
-            return wire.error_response(500, "the embedding contains NaN or infinite values")
-        return wire.json_response({"embedding": vector})
+        return wire.json_response({"embedding": result.vectors[0] if prompt else []})
 
     # -- model management -----------------------------------------------------------------------
 
