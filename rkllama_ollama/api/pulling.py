@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import logging
 from contextlib import aclosing
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from rkllama_ollama.api import wire
-from rkllama_ollama.models.pull import PullError, PullProgress, puller_for
 from rkllama_ollama.models.store import Store
+
+if TYPE_CHECKING:
+    from rkllama_ollama.models.pull import PullProgress
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,9 @@ def pull_request_fields(body: dict[str, Any]) -> tuple[str, bool]:
 
 
 async def respond_pull(request: web.Request, store: Store, name: str, stream: bool) -> web.StreamResponse:
+    # Imported on the first pull: huggingface_hub's HTTP stack costs the idle daemon ~150 ms and ~10 MiB.
+    from rkllama_ollama.models.pull import PullError, puller_for
+
     async with aclosing(puller_for(store).pull(name)) as events:
         try:
             first = await anext(events)
