@@ -22,7 +22,7 @@ from rkllama_ollama.chat.parse import OutputPipeline, ToolCall
 from rkllama_ollama.chat.template import ChatTemplate, TemplateError
 from rkllama_ollama.models.store import ModelEntry
 from rkllama_ollama.options import layer_options, sampling_from
-from rkllama_ollama.runtime.base import GenerationStats, LoadSpec, RuntimeFailure
+from rkllama_ollama.runtime.base import ContextOverflow, GenerationStats, LoadSpec, RuntimeFailure
 from rkllama_ollama.runtime.runner import Finished, Piece, RunnerDied
 from rkllama_ollama.scheduler import LoadedModel, Scheduler
 from rkllama_ollama.structured import (
@@ -99,11 +99,7 @@ async def first_event(events: AsyncIterator[Event]) -> Event:
     return event
 
 
-INPUT_TOO_LONG = "the input length exceeds the context length"
-
-
-class InputTooLong(RuntimeFailure):
-    """An embedding input longer than the context, with truncation off (a 400, not a 500)."""
+INPUT_TOO_LONG = "the input length exceeds the context length"  # Ollama's wording for embeddings
 
 
 @dataclass(frozen=True)
@@ -214,7 +210,7 @@ class Generator:
     ) -> Embeddings:
         """Embed `inputs` (raw vectors). Loads the model in embedding mode; no inputs = load only.
 
-        Raises InputTooLong when an input exceeds the context and `truncate` is off.
+        Raises ContextOverflow when an input exceeds the context and `truncate` is off.
         """
         started = time.perf_counter_ns()
         spec = self.load_spec(entry, options or {}, embedding=True)
@@ -228,10 +224,8 @@ class Generator:
                 except RunnerDied:
                     self.scheduler.forget_dead_runner()
                     raise
-                except RuntimeFailure as exc:
-                    if str(exc) == INPUT_TOO_LONG:
-                        raise InputTooLong(INPUT_TOO_LONG) from None
-                    raise
+                except ContextOverflow:
+                    raise ContextOverflow(INPUT_TOO_LONG) from None
             self.scheduler.touch(keep_alive_s)
         vectors = finite_vectors(result.vectors) if result is not None else []
         if len(vectors) != len(inputs):

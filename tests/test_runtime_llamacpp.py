@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 pytest.importorskip("llama_cpp")
 
-from rkllama_ollama.runtime.base import LoadSpec, RuntimeFailure, SamplingOptions  # noqa: E402
+from rkllama_ollama.runtime.base import ContextOverflow, LoadSpec, RuntimeFailure, SamplingOptions  # noqa: E402
 from rkllama_ollama.runtime.llamacpp import LlamaCppRuntime, LlamaCppSession, _PieceDecoder  # noqa: E402
 from tests.support.tiny_gguf import CHATML, write_tiny_gguf  # noqa: E402
 
@@ -250,7 +250,7 @@ def test_unlimited_generation_stops_at_a_full_context(small_session: LlamaCppSes
 
 
 def test_prompt_longer_than_the_context_is_refused(small_session: LlamaCppSession) -> None:
-    with pytest.raises(RuntimeFailure, match="context length of 96"):
+    with pytest.raises(ContextOverflow, match="context length of 96"):
         small_session.generate(chat_prompt("the " * 200), GREEDY, lambda _: None)
     _, _, stats = run(small_session, CHAT_PROMPT, SamplingOptions(temperature=0.0, num_predict=2))
     assert stats.eval_count == 2  # the session still works afterwards
@@ -373,7 +373,7 @@ def test_embeddings_shape_and_token_count(embed_session: LlamaCppSession) -> Non
 
 def test_embedding_input_longer_than_the_context(embed_session: LlamaCppSession) -> None:
     long_text = "hello " * 100
-    with pytest.raises(RuntimeFailure, match="the input length exceeds the context length"):
+    with pytest.raises(ContextOverflow, match="the input length exceeds the context length"):
         embed_session.embed([long_text], truncate=False)
     result = embed_session.embed([long_text], truncate=True)
     assert result.prompt_tokens == embed_session.info.context_length

@@ -19,6 +19,10 @@ class RuntimeFailure(Exception):
     """
 
 
+class ContextOverflow(RuntimeFailure):
+    """The input does not fit the context window: the client's to fix (shorter input, larger num_ctx)."""
+
+
 def _from_dict(cls: type, data: dict[str, Any]) -> Any:
     names = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in data.items() if k in names})

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from rkllama_ollama.runtime.base import (
+    ContextOverflow,
     EmbedResult,
     EmitPiece,
     GenerationStats,
@@ -237,7 +238,7 @@ class LlamaCppSession:
             if not tokens:
                 raise RuntimeFailure("the prompt is empty")
             if len(tokens) > self._n_ctx:
-                raise RuntimeFailure(
+                raise ContextOverflow(
                     f"the prompt is {len(tokens)} tokens long, "
                     f"more than the context length of {self._n_ctx} tokens"
                 )
@@ -388,7 +389,7 @@ class LlamaCppSession:
             raise RuntimeFailure("this model was loaded for text generation; load it again with embeddings")
         token_lists = [llm.tokenize(text.encode("utf-8"), add_bos=True, special=False) for text in inputs]
         if not truncate and any(len(tokens) > self._n_ctx for tokens in token_lists):
-            raise RuntimeFailure("the input length exceeds the context length")
+            raise ContextOverflow("the input length exceeds the context length")
         counts = [min(len(tokens), self._n_ctx) for tokens in token_lists]
         texts = [text for text, count in zip(inputs, counts, strict=True) if count > 0]
         try:

@@ -16,7 +16,9 @@ event names the `id` it answers.
   {"op": "tokenize", "id", "text"}                   {"ev": "tokens", "id", "tokens"}
   {"op": "detokenize", "id", "tokens"}               {"ev": "text", "id", "text"}
   {"op": "abort", "id"}  (acted on at once, even mid-generation)
-  {"op": "shutdown"}                                 or, to any command: {"ev": "error", "id", "message"}
+  {"op": "shutdown"}
+Any command may instead be answered {"ev": "error", "id", "message", "overflow"}; `overflow` marks a
+ContextOverflow (the input does not fit the context), which the server re-raises as such.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from typing import Any, BinaryIO
 import orjson
 
 from rkllama_ollama.runtime.base import (
+    ContextOverflow,
     EmbedResult,
     GenerationStats,
     LoadSpec,
@@ -146,7 +149,8 @@ class _ChildRunner:
             try:
                 self._handle(message)
             except RuntimeFailure as exc:
-                self.send({"ev": "error", "id": request_id, "message": str(exc)})
+                overflow = isinstance(exc, ContextOverflow)
+                self.send({"ev": "error", "id": request_id, "message": str(exc), "overflow": overflow})
             except Exception as exc:  # an engine bug must not take the runner down silently
                 log.exception("runner: %s failed", message.get("op"))
                 self.send({"ev": "error", "id": request_id, "message": f"runner error: {exc}"})
@@ -343,7 +347,7 @@ class RunnerProcess:
         if kind == "died":
             raise RunnerDied(message["message"])
         if kind == "error":
-            raise RuntimeFailure(message["message"])
+            raise (ContextOverflow if message.get("overflow") else RuntimeFailure)(message["message"])
 
     async def _call(self, command: dict[str, Any], expect: str) -> dict[str, Any]:
         request_id, inbox = self._open()

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from rkllama_ollama.runtime.base import (
+    ContextOverflow,
     EmbedResult,
     EmitPiece,
     GenerationStats,
@@ -375,7 +376,7 @@ class RkllmSession:
             raise RuntimeFailure("the prompt is empty")
         context = self._context_limit
         if len(tokens) >= context:
-            raise RuntimeFailure(
+            raise ContextOverflow(
                 f"the prompt is {len(tokens)} tokens but the context window is {context} tokens (num_ctx); "
                 "shorten the conversation or raise num_ctx"
             )
@@ -506,7 +507,7 @@ class RkllmSession:
                 tokens = self._tokenizer.encode(text) or self._tokenizer.encode(" ")
                 if len(tokens) > context:
                     if not truncate:
-                        raise RuntimeFailure(
+                        raise ContextOverflow(
                             f"input {index} is {len(tokens)} tokens, more than the context window ({context})"
                         )
                     tokens = tokens[:context]
