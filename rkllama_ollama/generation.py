@@ -178,16 +178,16 @@ class Generator:
     # -- loading --------------------------------------------------------------------------------
 
     def load_spec(self, entry: ModelEntry, options: dict[str, Any], *, embedding: bool = False) -> LoadSpec:
-        merged = layer_options(entry.modelfile.parameters, options)
+        defaults = layer_options(entry.modelfile.parameters, {})
+        merged = {**defaults, **options}
         num_ctx = merged.get("num_ctx") or self.default_num_ctx
-        if entry.context_length:
-            num_ctx = min(num_ctx, entry.context_length) if entry.format == "rkllm" else num_ctx
+        if entry.format == "rkllm" and entry.context_length:  # a .rkllm file's context is fixed at conversion
+            num_ctx = min(num_ctx, entry.context_length)
         if embedding and entry.max_context_length:  # like Ollama: embeddings never exceed the trained context
             num_ctx = min(num_ctx, entry.max_context_length)
         # Init-time defaults come from the Modelfile only: per-request sampling travels in SamplingOptions,
         # so a request's options never change the LoadSpec (which would reload the model).
-        modelfile_defaults = layer_options(entry.modelfile.parameters, {})
-        params = {k: v for k, v in modelfile_defaults.items() if k not in LOAD_OPTIONS}
+        params = {k: v for k, v in defaults.items() if k not in LOAD_OPTIONS}
         return LoadSpec(
             engine="rkllm" if entry.format == "rkllm" else "llamacpp",
             model_path=str(entry.weights),
