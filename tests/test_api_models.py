@@ -253,15 +253,18 @@ def test_push_is_a_clear_error(daemon: Daemon) -> None:
 
 
 def test_leftovers_of_an_interrupted_process_are_removed_at_start(tmp_path: Path) -> None:
-    """A crash mid-create leaves hidden staging/trash folders: the next start removes them, nothing else."""
+    """A crash mid-create or mid-upload leaves hidden leftovers: the next start removes them, nothing else."""
     store = tmp_path / "models"
     make_gguf_model(store, "kept")
     for leftover in (".staging-abc", ".trash-def"):
         (store / leftover).mkdir()
         (store / leftover / "half.gguf").write_bytes(b"GGUF partial")
+    (store / ".blobs").mkdir()
+    (store / ".blobs" / ".partial-123").write_bytes(b"half an upload")
     server = Daemon(store).start()
     try:
         assert not (store / ".staging-abc").exists() and not (store / ".trash-def").exists()
+        assert list((store / ".blobs").iterdir()) == []
         assert (store / "kept" / "tiny.gguf").is_file()
         assert [m["model"] for m in server.request("GET", "/api/tags").json()["models"]] == ["kept:latest"]
     finally:

@@ -16,7 +16,6 @@ import orjson
 from aiohttp import web
 
 from rkllama_ollama.api import wire
-from rkllama_ollama.api.blobs import BlobStore, parse_digest
 from rkllama_ollama.api.context import AppContext
 from rkllama_ollama.api.pulling import pull_request_fields, respond_pull
 from rkllama_ollama.api.wire import BadRequest, field_of
@@ -33,6 +32,7 @@ from rkllama_ollama.generation import (
     first_event,
     l2_normalised,
 )
+from rkllama_ollama.models.blobs import BlobError, parse_digest
 from rkllama_ollama.models.modelfile import Modelfile, ModelfileError, parse_modelfile
 from rkllama_ollama.models.names import InvalidModelName, ModelName, parse_name
 from rkllama_ollama.models.store import WEIGHT_SUFFIXES, ModelEntry, ModelNotFound, StoreError
@@ -41,6 +41,8 @@ from rkllama_ollama.runtime.base import RuntimeFailure
 from rkllama_ollama.structured import Format, FormatError, check_format
 
 log = logging.getLogger(__name__)
+
+UPLOAD_CHUNK_BYTES = 1 << 20
 
 THINK_LEVELS = ("low", "medium", "high", "max")
 VALID_ROLES = ("system", "user", "assistant", "tool")
@@ -214,7 +216,7 @@ def _tool_call_json(event: ToolCallEvent) -> dict[str, Any]:
 class OllamaApi:
     def __init__(self, ctx: AppContext) -> None:
         self.ctx = ctx
-        self.blobs = BlobStore(ctx.store.root)
+        self.blobs = ctx.store.blobs
 
     def routes(self) -> list[web.AbstractRouteDef]:
         return [
@@ -586,16 +588,19 @@ class OllamaApi:
         return await out.finish()
 
     async def blob_exists(self, request: web.Request) -> web.Response:
-        hex_digest = parse_digest(request.match_info["digest"])
+        hex_digest = digest_of(request.match_info["digest"])
         if await asyncio.to_thread(self.blobs.exists, hex_digest):
             return wire.empty_response(200)
         return wire.error_response(404, f'blob "sha256:{hex_digest}" not found')
 
     async def blob_upload(self, request: web.Request) -> web.Response:
-        hex_digest = parse_digest(request.match_info["digest"])
+        hex_digest = digest_of(request.match_info["digest"])
         if await asyncio.to_thread(self.blobs.exists, hex_digest):
             return wire.empty_response(200)
-        await self.blobs.receive(hex_digest, request.content)
+        try:
+            await self.blobs.receive(hex_digest, request.content.iter_chunked(UPLOAD_CHUNK_BYTES))
+        except BlobError as exc:
+            raise BadRequest(str(exc)) from None
         return wire.empty_response(201)
 
     async def pull(self, request: web.Request) -> web.StreamResponse:
@@ -711,6 +716,14 @@ class _Collected:
 # ------------------------------------------------------------------------------------------------
 
 
+def digest_of(text: str) -> str:
+    """A blob digest from the request (`sha256:<hex>` / `sha256-<hex>`); 400 when malformed."""
+    try:
+        return parse_digest(text)
+    except BlobError as exc:
+        raise BadRequest(str(exc)) from None
+
+
 def embed_inputs(value: Any) -> list[str]:
     """`/api/embed` input: a string or an array of strings; "" and [] (and absent) mean none."""
     if value is None or value == "":
@@ -751,7 +764,7 @@ def _create_blob_from_files(files: dict[str, Any]) -> tuple[str, str | None]:
             raise BadRequest("file path must be relative")
         if not isinstance(digest, str):
             raise BadRequest("invalid digest format")
-        hex_digest = parse_digest(digest)
+        hex_digest = digest_of(digest)
         if not path.name.lower().endswith(WEIGHT_SUFFIXES):
             raise BadRequest(
                 f"unsupported file {file_name!r}: only *.gguf and *.rkllm weights can be imported"
@@ -836,7 +849,7 @@ def parse_create(body: dict[str, Any]) -> CreatePlan:
     elif base is None and legacy_from:
         digest = legacy_from.lstrip("@")
         if digest.startswith("sha256"):
-            plan.blob = (parse_digest(digest), None)
+            plan.blob = (digest_of(digest), None)
         else:
             plan.base = legacy_from
     if plan.blob is None and plan.base is None:

@@ -42,6 +42,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from .blobs import BlobStore
 from .capabilities import EMBEDDING, detect_capabilities
 from .facts import hf_support_files, weights_facts
 from .modelfile import Modelfile, ModelfileError, parse_modelfile
@@ -170,6 +171,7 @@ def _is_weights_file(path: Path) -> bool:
 class Store:
     def __init__(self, root: Path, *, offer_embedded: bool = True) -> None:
         self.root = Path(root).expanduser().absolute()
+        self.blobs = BlobStore(self.root)  # uploads for /api/create, inside the store
         self._lock = threading.RLock()  # manifests and in-memory caches
         self._memory_manifests: dict[Path, dict[str, Any]] = {}
         self._warned: set[str] = set()
@@ -567,6 +569,7 @@ class Store:
             if child.name.startswith((".staging-", ".trash-")) and child.is_dir() and not child.is_symlink():
                 log.info("removing leftover store folder=%s", child.name)
                 shutil.rmtree(child, ignore_errors=True)
+        self.blobs.remove_partials()
 
     def _stage_files_of(self, entry: ModelEntry, staging: Path) -> None:
         """Hard-link (or copy) the weights and the other files of `entry` into `staging`."""
