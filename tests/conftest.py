@@ -34,6 +34,5 @@ def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def daemon(tiny_store: Path) -> Iterator[Daemon]:
-    server = Daemon(tiny_store).start()
-    yield server
-    server.stop()
+    with Daemon(tiny_store).start() as server:
+        yield server

@@ -36,9 +36,8 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     (store / "emb").mkdir(parents=True)
     write_tiny_gguf(store / "emb" / "emb.gguf", embedding=True)
     make_gguf_model(store, "tiny")
-    server = Daemon(Path(store)).start()
-    yield server
-    server.stop()
+    with Daemon(Path(store)).start() as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -41,9 +41,8 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def daemon(store: Path) -> Iterator[Daemon]:
-    server = Daemon(store).start()
-    yield server
-    server.stop()
+    with Daemon(store).start() as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -261,11 +260,8 @@ def test_leftovers_of_an_interrupted_process_are_removed_at_start(tmp_path: Path
         (store / leftover / "half.gguf").write_bytes(b"GGUF partial")
     (store / ".blobs").mkdir()
     (store / ".blobs" / ".partial-123").write_bytes(b"half an upload")
-    server = Daemon(store).start()
-    try:
+    with Daemon(store).start() as server:
         assert not (store / ".staging-abc").exists() and not (store / ".trash-def").exists()
         assert list((store / ".blobs").iterdir()) == []
         assert (store / "kept" / "tiny.gguf").is_file()
         assert [m["model"] for m in server.request("GET", "/api/tags").json()["models"]] == ["kept:latest"]
-    finally:
-        server.stop()

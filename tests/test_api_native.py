@@ -39,9 +39,8 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     make_gguf_model(store, "Qwen2.5-1.5B-Instruct")
     make_gguf_model(store, "second")
     make_gguf_model(store, "to-remove")
-    server = Daemon(Path(store)).start()
-    yield server
-    server.stop()
+    with Daemon(Path(store)).start() as server:
+        yield server
 
 
 def test_health_and_models(daemon: Daemon) -> None:

@@ -64,9 +64,8 @@ def own_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     model_dir = make_gguf_model(store, SHORT, context_length=2048)
     with (model_dir / "Modelfile").open("a") as handle:
         handle.write(f"MAX_NEW_TOKENS={SHORT_TOKENS}\n")
-    server = Daemon(store, env={"HF_HUB_OFFLINE": "1"}).start()
-    yield server
-    server.stop()
+    with Daemon(store, env={"HF_HUB_OFFLINE": "1"}).start() as server:
+        yield server
 
 
 # -- tables -----------------------------------------------------------------------------------------

@@ -16,9 +16,8 @@ pytestmark = pytest.mark.skipif(find_embedded_weights() is None, reason="llm-smo
 @pytest.fixture(scope="module")
 def smol_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     store = tmp_path_factory.mktemp("empty") / "models"
-    server = Daemon(store, env={"RKLLAMA_EMBEDDED_MODEL": "1"}).start()
-    yield server
-    server.stop()
+    with Daemon(store, env={"RKLLAMA_EMBEDDED_MODEL": "1"}).start() as server:
+        yield server
 
 
 def test_a_fresh_store_serves_smollm2_and_chats(smol_daemon: Daemon) -> None:

@@ -111,9 +111,8 @@ def sim_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     store = tmp_path_factory.mktemp("ops-metrics") / "models"
     write_model(store / "sim", reply="one two three four five", token_delay_ms=1)
     (store / "sim" / "Modelfile").write_text('FROM="sim.rkllm"\n', encoding="utf-8")
-    server = Daemon(store, env={"RKLLAMA_RKLLM_LIB": str(library)}).start()
-    yield server
-    server.stop()
+    with Daemon(store, env={"RKLLAMA_RKLLM_LIB": str(library)}).start() as server:
+        yield server
 
 
 def scrape(daemon: Daemon) -> dict[Any, float]:

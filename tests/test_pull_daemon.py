@@ -62,9 +62,8 @@ def pull_daemon(hub: FakeHub, tmp_path_factory: pytest.TempPathFactory) -> Itera
         "RKLLAMA_SOC": "rk3588",
         "RKLLAMA_RKLLM_LIB": str(build_simulators()["E"]),
     }
-    server = Daemon(root / "models", env=env).start()
-    yield server
-    server.stop()
+    with Daemon(root / "models", env=env).start() as server:
+        yield server
 
 
 def pull_events(daemon: Daemon, name: str) -> list[ollama.ProgressResponse]:

@@ -25,9 +25,8 @@ LONG = {"num_predict": 20000, "num_ctx": 32768, "seed": 3, "temperature": 1.0}
 def own_daemon(tmp_path: Path) -> Iterator[Daemon]:
     store = tmp_path / "models"
     make_gguf_model(store, "tiny", context_length=32768)
-    server = Daemon(store).start()
-    yield server
-    server.stop()
+    with Daemon(store).start() as server:
+        yield server
 
 
 def test_a_client_that_disconnects_frees_the_session(own_daemon: Daemon) -> None:
@@ -70,8 +69,7 @@ def test_killing_the_runner_mid_generation_is_an_error_line_then_recovery(own_da
 def test_a_full_queue_is_503_with_retry_after_in_both_faces(tmp_path: Path) -> None:
     store = tmp_path / "models"
     make_gguf_model(store, "tiny", context_length=32768)
-    server = Daemon(store, env={"RKLLAMA_MAX_QUEUE": "1"}).start()
-    try:
+    with Daemon(store, env={"RKLLAMA_MAX_QUEUE": "1"}).start() as server:
         body = {"model": "tiny", "messages": [{"role": "user", "content": "go on"}], "options": LONG}
         sock, _ = server.open_stream("/api/chat", body)  # holds the session
         queued = {"model": "tiny", "prompt": "x", "stream": False, "options": {"num_predict": 2}}
@@ -97,5 +95,3 @@ def test_a_full_queue_is_503_with_retry_after_in_both_faces(tmp_path: Path) -> N
             assert reply.status == 503 and reply.json()["error"]["type"] == "api_error"
             sock.close()  # the held stream goes away; the queued request gets its turn
             assert waiting.result(timeout=60).status == 200
-    finally:
-        server.stop()

@@ -45,10 +45,9 @@ def family_daemon(
     add_model(store, "crash", reply=LONG_REPLY, crash_after_tokens=3)
     add_model(store, "broken", fail_init=1)
     add_model(store, "small", reply="ok", max_context_len=64)
-    server = Daemon(store, env={"RKLLAMA_RKLLM_LIB": str(library)}).start()
-    server.family = family  # type: ignore[attr-defined]
-    yield server
-    server.stop()
+    with Daemon(store, env={"RKLLAMA_RKLLM_LIB": str(library)}).start() as server:
+        server.family = family  # type: ignore[attr-defined]
+        yield server
 
 
 def test_rkllm_models_are_listed(family_daemon: Daemon) -> None:
@@ -125,14 +124,10 @@ def test_a_wrong_forced_version_is_a_clean_error(tmp_path: Path) -> None:
     library = build_simulators()["E"]
     store = tmp_path / "models"
     add_model(store, "sim", reply=REPLY)
-    server = Daemon(
-        store, env={"RKLLAMA_RKLLM_LIB": str(library), "RKLLAMA_RKLLM_VERSION": SIM_VERSIONS["F"]}
-    ).start()
-    try:
+    env = {"RKLLAMA_RKLLM_LIB": str(library), "RKLLAMA_RKLLM_VERSION": SIM_VERSIONS["F"]}
+    with Daemon(store, env=env).start() as server:
         client = ollama.Client(host=server.url)
         with pytest.raises(ollama.ResponseError) as info:
             client.chat("sim", messages=[{"role": "user", "content": "x"}])
         assert info.value.status_code == 500 and info.value.error
         assert client.list().models  # the daemon is alive
-    finally:
-        server.stop()

@@ -196,9 +196,8 @@ def sim_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     _sim_model(store, "fenced", '```json\n{"count": 2, "ok": false, "mood": "happy"}\n```')
     _sim_model(store, "wrong", '{"count": "two", "ok": false, "mood": "happy"}')
     _sim_model(store, "prose", "Sure, here is a JSON object for you.")
-    server = Daemon(store, env={"RKLLAMA_RKLLM_LIB": str(library)}).start()
-    yield server
-    server.stop()
+    with Daemon(store, env={"RKLLAMA_RKLLM_LIB": str(library)}).start() as server:
+        yield server
 
 
 @pytest.mark.parametrize("stream", [False, True])

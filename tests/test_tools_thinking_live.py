@@ -56,9 +56,8 @@ def sim_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     store = tmp_path_factory.mktemp("tools") / "models"
     add_model(store, "caller", TOOL_REPLY)
     add_model(store, "thinker", THINK_REPLY)
-    server = Daemon(store, env={"RKLLAMA_RKLLM_LIB": str(build_simulators()["F"])}).start()
-    yield server
-    server.stop()
+    with Daemon(store, env={"RKLLAMA_RKLLM_LIB": str(build_simulators()["F"])}).start() as server:
+        yield server
 
 
 def test_capabilities_come_from_the_template(sim_daemon: Daemon) -> None:

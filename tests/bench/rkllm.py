@@ -43,8 +43,7 @@ def _model(store: Path, name: str, *, tokenizer: bool = False, **keys: object) -
 
 def cpu_per_token(store: Path, tokens: int) -> dict[str, Any]:
     _model(store, "fast", reply="x" * tokens, token_delay_ms=0)
-    daemon = Daemon(store, env={"RKLLAMA_RKLLM_LIB": str(build_simulators()["E"])}).start()
-    try:
+    with Daemon(store, env={"RKLLAMA_RKLLM_LIB": str(build_simulators()["E"])}).start() as daemon:
         client = ollama.Client(host=daemon.url)
         client.chat("fast", messages=[])  # load
         assert daemon.process is not None
@@ -58,8 +57,6 @@ def cpu_per_token(store: Path, tokens: int) -> dict[str, Any]:
             after = sum(cpu_seconds(pid) for pid in pids)
             assert final is not None and final.eval_count
             per_token.append((after - before) / final.eval_count * 1e6)
-    finally:
-        daemon.stop()
     return {
         "tokens": tokens,
         "cpu_us_per_token": [round(x, 1) for x in per_token],
@@ -116,8 +113,7 @@ def prefill_over_turns(store: Path, turns: int) -> dict[str, Any]:
     _model(store, "chat", tokenizer=True, reply="Sure, here it is.")
     result: dict[str, Any] = {}
     for family, label in (("E", "prefix_reuse_1.2.1"), ("C", "no_reuse_1.1.4")):
-        daemon = Daemon(store, env={"RKLLAMA_RKLLM_LIB": str(build_simulators()[family])}).start()
-        try:
+        with Daemon(store, env={"RKLLAMA_RKLLM_LIB": str(build_simulators()[family])}).start() as daemon:
             client = ollama.Client(host=daemon.url)
             messages: list[dict[str, str]] = []
             fed = 0
@@ -126,8 +122,6 @@ def prefill_over_turns(store: Path, turns: int) -> dict[str, Any]:
                 reply = client.chat("chat", messages=messages)
                 messages.append({"role": "assistant", "content": reply.message.content})
                 fed += reply.prompt_eval_count or 0
-        finally:
-            daemon.stop()
         result[label] = fed
     result["ratio"] = round(result["prefix_reuse_1.2.1"] / result["no_reuse_1.1.4"], 3)
     return result

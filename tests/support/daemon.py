@@ -110,7 +110,14 @@ class Daemon:
                         return self
             except OSError:
                 time.sleep(0.05)
+        self.stop()  # never leave a daemon running behind a failed start
         raise RuntimeError(f"daemon did not answer in {timeout}s:\n{self.log()}")
+
+    def __enter__(self) -> Daemon:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
