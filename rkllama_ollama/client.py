@@ -115,9 +115,6 @@ class Client:
 
     # -- endpoints ----------------------------------------------------------------------------
 
-    def heartbeat(self) -> None:
-        self.request("HEAD", "/")
-
     def tags(self) -> list[dict[str, Any]]:
         return list((self.request("GET", "/api/tags") or {}).get("models") or [])
 

@@ -29,6 +29,7 @@ from rkllama_ollama.structured import (
     Format,
     InvalidStructuredAnswer,
     guided_messages,
+    guided_system,
     schema_text,
     validated_answer,
 )
@@ -49,6 +50,7 @@ class GenerationRequest:
     messages: list[dict[str, Any]] | None = None  # chat
     prompt: str | None = None  # generate
     system: str | None = None  # generate: overrides the Modelfile SYSTEM
+    suffix: str | None = None  # generate: fill-in-the-middle (models whose template has `suffix`)
     raw: bool = False
     context: list[int] | None = None  # generate: token ids from an earlier reply
     tools: list[dict[str, Any]] | None = None
@@ -306,11 +308,11 @@ class Generator:
             prompt = request.prompt or ""
         else:
             system = request.system if request.system is not None else request.entry.modelfile.system
-            messages = [{"role": "system", "content": system}] if system else []
-            messages.append({"role": "user", "content": request.prompt or ""})
             if guide:
-                messages = guided_messages(messages, request.format)
-            prompt = template.render(messages, tools=None, think=think)
+                system = guided_system(system, request.format)
+            prompt = template.render_generate(
+                request.prompt or "", system, suffix=request.suffix, think=think
+            )
         if request.context:  # like Ollama: the earlier exchange goes before the new rendered prompt
             prompt = await loaded.runner.detokenize(request.context) + prompt
         return self._without_double_bos(prompt, loaded)

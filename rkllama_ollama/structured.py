@@ -68,14 +68,18 @@ def guidance(fmt: Format) -> str:
     return "Respond only with a JSON object, with no other text."
 
 
+def guided_system(system: str | None, fmt: Format) -> str:
+    """A system prompt with the format instruction appended."""
+    return f"{system or ''}\n\n{guidance(fmt)}".lstrip()
+
+
 def guided_messages(messages: list[dict[str, Any]], fmt: Format) -> list[dict[str, Any]]:
     """The chat with the format instruction appended to the system message (or a new one first)."""
-    instruction = guidance(fmt)
     result = [dict(m) for m in messages]
     if result and result[0].get("role") == "system":
-        result[0]["content"] = f"{result[0].get('content') or ''}\n\n{instruction}".lstrip()
+        result[0]["content"] = guided_system(result[0].get("content"), fmt)
     else:
-        result.insert(0, {"role": "system", "content": instruction})
+        result.insert(0, {"role": "system", "content": guided_system(None, fmt)})
     return result
 
 

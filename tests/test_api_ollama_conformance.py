@@ -8,12 +8,14 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+from pathlib import Path
 from typing import Any
 
 import ollama
 import pytest
 
 from tests.support.daemon import Daemon, error_of
+from tests.support.tiny_gguf import write_tiny_gguf
 
 MODEL = "tiny"
 SHORT = {"num_predict": 8, "seed": 1, "temperature": 0}
@@ -307,3 +309,29 @@ def test_sixteen_concurrent_streaming_clients_all_complete(daemon: Daemon) -> No
     results = asyncio.run(all_of_them())
     assert all(done for done, _ in results)
     assert all(count == 16 for _, count in results)
+
+
+FIM_TEMPLATE = (
+    "{% if suffix %}<PRE> {{ prompt }} <SUF>{{ suffix }} <MID>"
+    "{% else %}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_suffix_renders_fill_in_the_middle_on_an_insert_model(tmp_path: Path) -> None:
+    """§3.6: a FIM template renders `<PRE> def add( <SUF>    return c <MID>` from prompt + suffix."""
+    (tmp_path / "models" / "fim").mkdir(parents=True)
+    write_tiny_gguf(tmp_path / "models" / "fim" / "fim.gguf", chat_template=FIM_TEMPLATE)
+    (tmp_path / "models" / "fim" / "Modelfile").write_text('FROM="fim.gguf"\n')
+    with Daemon(tmp_path / "models").start() as server:
+        client = ollama.Client(host=server.url)
+        assert "insert" in (client.show("fim").capabilities or [])
+        options = {"num_predict": 1, "temperature": 0}
+        fim = client.generate("fim", prompt="def add(", suffix="    return c", options=options)
+        assert fim.prompt_eval_count and fim.prompt_eval_count > 5
+        # The same text sent raw right after finds every prompt token already in the KV cache: the
+        # rendered FIM prompt was exactly `<PRE> def add( <SUF>    return c <MID>`.
+        raw = client.generate(
+            "fim", prompt="<PRE> def add( <SUF>    return c <MID>", raw=True, options=options
+        )
+        assert raw.prompt_eval_count == 1

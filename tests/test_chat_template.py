@@ -170,19 +170,19 @@ def test_roles_are_lower_cased_and_null_content_is_empty() -> None:
 
 
 def test_fallback_chatml_is_used_without_a_model_template() -> None:
-    template = ChatTemplate.for_model(None)
+    template = ChatTemplate(None)
     assert template.is_fallback
     assert template.source == FALLBACK_CHATML_TEMPLATE
     assert template.render([{"role": "user", "content": "Hi"}]) == (
         "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     )
-    assert ChatTemplate.for_model("  ").is_fallback
+    assert ChatTemplate("  ").is_fallback
     assert ChatTemplate("").render([{"role": "user", "content": "Hi"}]).startswith("<|im_start|>user\nHi")
-    assert not ChatTemplate.for_model(CHATML).is_fallback
+    assert not ChatTemplate(CHATML).is_fallback
 
 
 def test_fallback_chatml_renders_tool_calls_in_history() -> None:
-    template = ChatTemplate.for_model("")
+    template = ChatTemplate("")
     messages = [
         {"role": "user", "content": "Weather?"},
         {

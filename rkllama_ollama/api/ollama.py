@@ -350,6 +350,7 @@ class OllamaApi:
             entry=entry,
             prompt=prompt,
             system=system,
+            suffix=suffix,
             raw=raw,
             context=context or None,
             think=think,

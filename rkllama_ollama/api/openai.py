@@ -241,7 +241,7 @@ class OpenAiApi:
         if suffix and "insert" not in entry.capabilities:
             raise BadRequest(f"{entry.name.full} does not support insert")
         gen = GenerationRequest(
-            entry=entry, prompt=prompt or "", options=options, interactive=stream, think=False
+            entry=entry, prompt=prompt or "", suffix=suffix, options=options, interactive=stream, think=False
         )
         completion_id = f"cmpl-{random.randrange(999)}"
         created = int(time.time())

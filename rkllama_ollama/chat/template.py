@@ -194,11 +194,6 @@ class ChatTemplate:
         # Ollama's FIM (`suffix`) needs a template that places the suffix; HF templates never do.
         self.supports_insert = "suffix" in source
 
-    @classmethod
-    def for_model(cls, source: str | None, *, bos_token: str = "", eos_token: str = "") -> ChatTemplate:
-        """The model's template, or the ChatML fallback when it ships none (as the constructor)."""
-        return cls(source, bos_token=bos_token, eos_token=eos_token)
-
     @property
     def is_fallback(self) -> bool:
         return self.source == FALLBACK_CHATML_TEMPLATE
