@@ -214,10 +214,10 @@ def test_changed_sampling_reinitialises_except_on_f(
     assert session.last_reload_ns == 0
     _, stats = generate(session, "hello" + "ok" + "!", temperature=0.1)
     if family == "F":
-        assert session.last_reload_ns == 0
+        assert session.last_reload_ns == 0 and stats.reload_ns == 0
         assert stats.prompt_eval_count == 1
     else:
-        assert session.last_reload_ns > 0
+        assert session.last_reload_ns > 0 and stats.reload_ns == session.last_reload_ns
         assert stats.prompt_eval_count == stats.prompt_tokens  # a fresh handle has an empty cache
 
 

@@ -24,7 +24,6 @@ ContextOverflow (the input does not fit the context), which the server re-raises
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import queue
@@ -200,9 +199,6 @@ class _ChildRunner:
             finally:
                 self._current_id = None
                 self._aborted.discard(request_id)
-            reload_ns = int(getattr(session, "last_reload_ns", 0) or 0)
-            if reload_ns:
-                stats = dataclasses.replace(stats, reload_ns=reload_ns)
             log.info(
                 "generate id=%s ended: %s, %d prompt tokens fed, %d generated",
                 request_id,

@@ -485,6 +485,7 @@ class RkllmSession:
             eval_count=eval_count,
             eval_ns=eval_ns,
             context=tokens + run.token_ids,
+            reload_ns=self.last_reload_ns,
         )
 
     def abort(self) -> None:
