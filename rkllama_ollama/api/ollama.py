@@ -88,6 +88,31 @@ def parse_options(body: dict[str, Any]) -> dict[str, Any]:
         raise BadRequest(str(exc)) from None
 
 
+@dataclass(frozen=True)
+class GenerationFields:
+    """The request fields `/api/generate` and `/api/chat` share, checked."""
+
+    stream: bool
+    keep_alive: float | None
+    think: bool | str | None
+    format: Format | None
+    options: dict[str, Any]
+
+
+def parse_generation_fields(body: dict[str, Any]) -> GenerationFields:
+    fields = GenerationFields(
+        stream=field_of(body, "stream", bool, "a boolean") is not False,
+        keep_alive=parse_keep_alive_field(body),
+        think=parse_think(body),
+        format=parse_format(body),
+        options=parse_options(body),
+    )
+    top_logprobs = field_of(body, "top_logprobs", int, "an integer")
+    if top_logprobs is not None and not 0 <= top_logprobs <= 20:
+        raise BadRequest("top_logprobs must be between 0 and 20")
+    return fields
+
+
 def parse_tools(body: dict[str, Any]) -> list[dict[str, Any]] | None:
     tools = field_of(body, "tools", list, "an array of tool definitions")
     if not tools:
@@ -251,6 +276,13 @@ class OllamaApi:
     async def resolve(self, name: str) -> ModelEntry:
         return await asyncio.to_thread(self.ctx.store.resolve, name)
 
+    async def resolve_for_generation(self, label: str) -> ModelEntry:
+        """The model for chat/generate; 404 `model '<name as sent>' not found`."""
+        try:
+            return await self.resolve(label)
+        except ModelNotFound:
+            raise BadRequest(f"model '{label}' not found", 404) from None
+
     async def show(self, request: web.Request) -> web.Response:
         body = await wire.read_json_body(request)
         name = model_field(body)
@@ -315,24 +347,15 @@ class OllamaApi:
         system = field_of(body, "system", str, "a string")
         suffix = field_of(body, "suffix", str, "a string")
         raw = bool(field_of(body, "raw", bool, "a boolean"))
-        stream = field_of(body, "stream", bool, "a boolean")
         context = field_of(body, "context", list, "an array of token ids")
         if context is not None and not all(isinstance(t, int) and not isinstance(t, bool) for t in context):
             raise BadRequest('"context" must be an array of token ids')
         images = field_of(body, "images", list, "an array of base64 strings")
-        keep_alive = parse_keep_alive_field(body)
-        think = parse_think(body)
-        fmt = parse_format(body)
-        options = parse_options(body)
-        top_logprobs = field_of(body, "top_logprobs", int, "an integer")
-        if top_logprobs is not None and not 0 <= top_logprobs <= 20:
-            raise BadRequest("top_logprobs must be between 0 and 20")
+        common = parse_generation_fields(body)
+        keep_alive, think, options = common.keep_alive, common.think, common.options
         if not label:  # Ollama's quirk: generate with no model is a 404, chat a 400
             return wire.error_response(404, "model '' not found")
-        try:
-            entry = await self.resolve(label)
-        except ModelNotFound:
-            return wire.error_response(404, f"model '{label}' not found")
+        entry = await self.resolve_for_generation(label)
         if not prompt and keep_alive == 0:
             await self.ctx.scheduler.unload(entry)
             return wire.json_response(self._final_generate(label, "unload"))
@@ -356,8 +379,8 @@ class OllamaApi:
             think=think,
             options=options,
             keep_alive_s=keep_alive,
-            interactive=stream is not False,
-            format=fmt,
+            interactive=common.stream,
+            format=common.format,
         )
 
         def chunk(event: Event) -> dict[str, Any]:
@@ -381,7 +404,7 @@ class OllamaApi:
             reply.update(_stats_fields(done))
             return reply
 
-        return await self._respond(request, gen, stream is not False, chunk, final)
+        return await self._respond(request, gen, common.stream, chunk, final)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await wire.read_json_body(request, allow_empty=False)
@@ -389,19 +412,10 @@ class OllamaApi:
         if not label:
             raise BadRequest("model is required")
         messages = parse_messages(body)
-        stream = field_of(body, "stream", bool, "a boolean")
         tools = parse_tools(body)
-        keep_alive = parse_keep_alive_field(body)
-        think = parse_think(body)
-        fmt = parse_format(body)
-        options = parse_options(body)
-        top_logprobs = field_of(body, "top_logprobs", int, "an integer")
-        if top_logprobs is not None and not 0 <= top_logprobs <= 20:
-            raise BadRequest("top_logprobs must be between 0 and 20")
-        try:
-            entry = await self.resolve(label)
-        except ModelNotFound:
-            return wire.error_response(404, f"model '{label}' not found")
+        common = parse_generation_fields(body)
+        keep_alive, think, options = common.keep_alive, common.think, common.options
+        entry = await self.resolve_for_generation(label)
         if not messages and keep_alive == 0:
             await self.ctx.scheduler.unload(entry)
             return wire.json_response(self._final_chat(label, "unload"))
@@ -418,8 +432,8 @@ class OllamaApi:
             think=think,
             options=options,
             keep_alive_s=keep_alive,
-            interactive=stream is not False,
-            format=fmt,
+            interactive=common.stream,
+            format=common.format,
         )
 
         def chunk(event: Event) -> dict[str, Any]:
@@ -444,7 +458,7 @@ class OllamaApi:
             reply.update(_stats_fields(done))
             return reply
 
-        return await self._respond(request, gen, stream is not False, chunk, final)
+        return await self._respond(request, gen, common.stream, chunk, final)
 
     # -- embeddings -----------------------------------------------------------------------------
 
