@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import (
@@ -198,6 +199,7 @@ class MetricsObserver:
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
         self._engine_of: dict[str, str] = {}
+        self._inter_token: dict[str, Any] = {}  # model -> its histogram child (observed every token)
 
     def generation_started(self, model: str) -> None:
         record = current_record()
@@ -215,7 +217,10 @@ class MetricsObserver:
             record.ttft_ns = ttft_ns
 
     def next_piece(self, model: str, gap_ns: int) -> None:
-        self._metrics.inter_token.labels(model).observe(gap_ns / 1e9)
+        child = self._inter_token.get(model)
+        if child is None:
+            child = self._inter_token[model] = self._metrics.inter_token.labels(model)
+        child.observe(gap_ns / 1e9)
 
     def generation_finished(self, model: str, stats: GenerationStats) -> None:
         m = self._metrics

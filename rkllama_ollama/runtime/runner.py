@@ -32,6 +32,7 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -250,16 +251,60 @@ class Finished:
     stats: GenerationStats | None  # None when aborted before it started
 
 
+class _EventFrames(asyncio.Protocol):
+    """The read end of the runner's event pipe: frames are cut and decoded as bytes arrive, and each
+    message is handed to `deliver` in the same event-loop callback (one wake-up per token)."""
+
+    def __init__(self, deliver: Callable[[dict[str, Any]], None]) -> None:
+        self._deliver = deliver
+        self._buffer = bytearray()
+        self._transport: asyncio.BaseTransport | None = None
+        self.corrupt = False
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        start = 0
+        try:
+            while len(buffer) - start >= _HEADER.size:
+                (size,) = _HEADER.unpack_from(buffer, start)
+                if size > MAX_FRAME:
+                    raise ValueError(f"frame of {size} bytes is too large")
+                end = start + _HEADER.size + size
+                if len(buffer) < end:
+                    break
+                message = orjson.loads(buffer[start + _HEADER.size : end])
+                if not isinstance(message, dict):
+                    raise ValueError("an event frame is not a JSON object")
+                start = end
+                self._deliver(message)
+        except ValueError:  # orjson.JSONDecodeError is a ValueError
+            self.corrupt = True
+            buffer.clear()
+            if self._transport is not None:
+                self._transport.close()
+            return
+        del buffer[:start]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
 class RunnerProcess:
     """The server's handle on one runner child. One command at a time (the scheduler serialises)."""
 
-    def __init__(self, process: asyncio.subprocess.Process, events: asyncio.StreamReader) -> None:
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
         self._process = process
-        self._events = events
+        self._events = _EventFrames(self._deliver)
         self._next_id = 0
         self._waiting: dict[int, asyncio.Queue[dict[str, Any]]] = {}
         self._dead_reason: str | None = None
-        self._reader_task = asyncio.get_running_loop().create_task(self._read_events())
+        self._reader_task = asyncio.get_running_loop().create_task(self._watch())
 
     @property
     def pid(self) -> int:
@@ -286,25 +331,29 @@ class RunnerProcess:
             )
         finally:
             os.close(write_fd)
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=MAX_FRAME, loop=loop)
-        await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader, loop=loop), os.fdopen(read_fd, "rb", 0)
-        )
-        log.info("runner started pid=%d", process.pid)
-        return cls(process, reader)
-
-    async def _read_events(self) -> None:
+        runner = cls(process)
         try:
-            while True:
-                header = await self._events.readexactly(_HEADER.size)
-                (size,) = _HEADER.unpack(header)
-                message = orjson.loads(await self._events.readexactly(size))
-                inbox = self._waiting.get(message.get("id"))
-                if inbox is not None:
-                    inbox.put_nowait(message)
-        except (asyncio.IncompleteReadError, ConnectionError, OSError):
-            pass
+            await asyncio.get_running_loop().connect_read_pipe(
+                lambda: runner._events, os.fdopen(read_fd, "rb", 0)
+            )
+        except BaseException:
+            process.kill()
+            runner._events.connection_lost(None)  # lets the watcher reap the process
+            raise
+        log.info("runner started pid=%d", process.pid)
+        return runner
+
+    def _deliver(self, message: dict[str, Any]) -> None:
+        inbox = self._waiting.get(message.get("id"))  # type: ignore[arg-type]  # ids are ints
+        if inbox is not None:
+            inbox.put_nowait(message)
+
+    async def _watch(self) -> None:
+        """When the event pipe closes (exit, crash or a corrupt frame), fail whoever is waiting."""
+        await self._events.closed
+        if self._events.corrupt:
+            log.error("runner pid=%d sent a corrupt event frame; killing it", self._process.pid)
+            self.kill()
         returncode = await self._process.wait()
         if returncode < 0:
             try:
