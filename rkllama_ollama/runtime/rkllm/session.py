@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from rkllama_ollama.runtime.base import (
+    Cancel,
     ContextOverflow,
     EmbedResult,
     EmitPiece,
@@ -96,7 +97,7 @@ class _Run:
     first_token_at: float | None = None
     finished: bool = False
     failed: bool = False
-    aborted: bool = False  # abort() was called
+    aborted: bool = False  # the request's Cancel was set
     limit_reached: bool = False
     abort_sent_from_callback: bool = False
     emit_error: BaseException | None = None
@@ -121,7 +122,7 @@ class RkllmSession:
         self._tokenizer, facts = load_tokenizer(tokenizer_dir)
         self._eos_id = self._tokenizer.token_id(facts.eos_token)
         self._handle = ctypes.c_void_p()
-        self._handle_lock = threading.Lock()  # guards _handle and _run against abort()/close()
+        self._handle_lock = threading.Lock()  # guards _handle and _run against a cancel and close()
         self._run: _Run | None = None
         self._cached: list[int] = []  # tokens (or bytes) believed to be in the runtime's KV cache
         self._kv_dirty = False  # the cache holds something we cannot describe: clear before reuse
@@ -284,14 +285,25 @@ class RkllmSession:
 
     # ------------------------------------------------------------------ running
 
-    def _execute(self, run: _Run, rkllm_input: Any, infer: Any) -> int:
+    def _execute(self, run: _Run, rkllm_input: Any, infer: Any, cancel: Cancel | None = None) -> int:
         with self._handle_lock:
             if not self._handle.value:
                 raise RuntimeFailure("the RKLLM session is closed")
             self._run = run
             handle = self._handle
+
+        def interrupt() -> None:
+            # Also flagged on the run: an rkllm_abort that lands before rkllm_run has really begun may
+            # be lost, and the callback then aborts at the first token it sees.
+            run.aborted = True
+            with self._handle_lock:
+                if self._handle.value:
+                    self._lib.rkllm_abort(self._handle)
+            log.info("rkllm generation abort requested")
+
         try:
-            return int(self._lib.rkllm_run(handle, ctypes.byref(rkllm_input), ctypes.byref(infer), None))
+            with cancel.interrupting(interrupt) if cancel is not None else contextlib.nullcontext():
+                return int(self._lib.rkllm_run(handle, ctypes.byref(rkllm_input), ctypes.byref(infer), None))
         finally:
             with self._handle_lock:
                 self._run = None
@@ -369,11 +381,15 @@ class RkllmSession:
             return options.num_predict
         return self._load.max_new_tokens if self._load.max_new_tokens > 0 else 0
 
-    def generate(self, prompt: str, options: SamplingOptions, emit: EmitPiece) -> GenerationStats:
-        self._ensure_sampling(options)
+    def generate(
+        self, prompt: str, options: SamplingOptions, emit: EmitPiece, cancel: Cancel | None = None
+    ) -> GenerationStats:
         tokens = self._tokenizer.encode(prompt)
         if not tokens:
             raise RuntimeFailure("the prompt is empty")
+        if cancel is not None and cancel.is_set():
+            return self._cancelled_before_start(tokens)
+        self._ensure_sampling(options)
         context = self._context_limit
         if len(tokens) >= context:
             raise ContextOverflow(
@@ -399,7 +415,7 @@ class RkllmSession:
         rkllm_input = self._make_input(feed, keepalive)
         infer = self._make_infer(abi.INFER_GENERATE, keep_history, options, num_predict)
         started = time.perf_counter()
-        rc = self._execute(run, rkllm_input, infer)
+        rc = self._execute(run, rkllm_input, infer, cancel)
         ended = time.perf_counter()
         tail = run.decoder.decode(b"", final=True)
         if tail and not run.aborted and run.emit_error is None:
@@ -488,14 +504,16 @@ class RkllmSession:
             reload_ns=self.last_reload_ns,
         )
 
-    def abort(self) -> None:
-        with self._handle_lock:
-            run = self._run
-            if run is None or not self._handle.value:
-                return
-            run.aborted = True
-            self._lib.rkllm_abort(self._handle)
-        log.info("rkllm generation abort requested")
+    def _cancelled_before_start(self, tokens: list[int]) -> GenerationStats:
+        return GenerationStats(
+            done_reason="abort",
+            prompt_tokens=len(tokens),
+            prompt_eval_count=0,
+            prompt_eval_ns=0,
+            eval_count=0,
+            eval_ns=0,
+            context=list(tokens),
+        )
 
     # ------------------------------------------------------------------ embeddings / tokens
 
