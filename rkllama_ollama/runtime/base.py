@@ -38,6 +38,7 @@ class LoadSpec:
     model_path: str  # the weights file (.gguf or .rkllm)
     num_ctx: int = 4096
     n_threads: int = 0  # 0 = engine default
+    cores: tuple[int, ...] = ()  # llama.cpp: the cores to pin to (RKLLAMA_CPUS); () = engine default
     embedding: bool = False  # load for embeddings (llama.cpp) / hidden-layer mode (rkllm)
     tokenizer_dir: str | None = None  # Hugging Face tokenizer files (rkllm models)
     # Modelfile defaults that are load-time parameters on some engines (RKLLMParam on families C-E):
@@ -48,7 +49,7 @@ class LoadSpec:
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> LoadSpec:
-        return _from_dict(cls, data)
+        return _from_dict(cls, {**data, "cores": tuple(data.get("cores") or ())})
 
 
 @dataclass(frozen=True)

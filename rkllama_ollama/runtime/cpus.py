@@ -8,6 +8,9 @@ process may use, and the runner is pinned to those cores; the little cores are l
 server and its clients, which then never preempt a compute thread. On a machine whose cores are all
 alike this is simply every usable core, as llama.cpp and Ollama do.
 
+An operator can name the cores instead (`RKLLAMA_CPUS=4-7`, Linux's cpu-list syntax): the runner is
+pinned to them and runs one thread per core unless `num_thread` says otherwise.
+
 "Usable" is the process's affinity mask (a container or `taskset` may allow fewer cores than
 `os.cpu_count()` reports). "Fastest" is the kernel's `cpu_capacity` (arm64 and others with energy-
 aware scheduling), else the highest `cpufreq/cpuinfo_max_freq`, else all usable cores.
@@ -27,6 +30,27 @@ class ThreadPlan:
     threads: int
     cores: tuple[int, ...]  # the cores to pin to; empty = leave the affinity alone
     reason: str
+
+
+MAX_CORE = 1023
+
+
+def parse_cpu_list(text: str) -> tuple[int, ...]:
+    """Linux cpu-list syntax: "4-7", "0,2,4-5". Raises ValueError naming what is wrong."""
+    cores: set[int] = set()
+    for item in text.replace(" ", "").split(","):
+        if not item:
+            continue
+        first, dash, last = item.partition("-")
+        if not (first.isdigit() and (not dash or last.isdigit())):
+            raise ValueError(f"{item!r} is not a core number or a range like 4-7")
+        low, high = int(first), int(last) if dash else int(first)
+        if low > high or high > MAX_CORE:
+            raise ValueError(f"{item!r} is not a valid range of cores")
+        cores.update(range(low, high + 1))
+    if not cores:
+        raise ValueError("no cores are named")
+    return tuple(sorted(cores))
 
 
 def usable_cores() -> list[int]:
@@ -54,8 +78,16 @@ def fastest_cores(cores: list[int], sysfs: Path = SYSFS_CPUS) -> list[int]:
     return list(cores)
 
 
-def plan_threads(requested: int, sysfs: Path = SYSFS_CPUS, cores: list[int] | None = None) -> ThreadPlan:
-    """`requested` > 0 is obeyed as it is; otherwise one thread per fastest usable core."""
+def plan_threads(
+    requested: int,
+    chosen: tuple[int, ...] = (),
+    sysfs: Path = SYSFS_CPUS,
+    cores: list[int] | None = None,
+) -> ThreadPlan:
+    """Cores `chosen` by the operator are pinned (one thread each unless `requested` > 0); otherwise
+    `requested` > 0 is obeyed unpinned; otherwise one thread per fastest usable core."""
+    if chosen:
+        return ThreadPlan(requested if requested > 0 else len(chosen), tuple(chosen), "configured cores")
     usable = usable_cores() if cores is None else cores
     if requested > 0:
         return ThreadPlan(requested, (), "as configured")
@@ -72,6 +104,7 @@ class Pinning:
         self.original = usable_cores()
 
     def apply(self, plan: ThreadPlan) -> None:
+        """Raises OSError when the cores do not exist or this process may not use them."""
         os.sched_setaffinity(0, plan.cores or self.original)
 
 

@@ -112,8 +112,15 @@ class LlamaCppSession:
         if spec.num_ctx > n_ctx:
             logger.info("num_ctx %d capped at the trained context length %d", spec.num_ctx, n_ctx)
         pinning = process_pinning()  # this is the runner process: it hosts nothing but this model
-        plan = plan_threads(spec.n_threads, cores=pinning.original)
-        pinning.apply(plan)
+        plan = plan_threads(spec.n_threads, tuple(spec.cores), cores=pinning.original)
+        try:
+            pinning.apply(plan)
+        except OSError as exc:
+            if spec.cores:  # the operator named them: say so rather than run elsewhere
+                raise RuntimeFailure(
+                    f"cannot run on cores {list(plan.cores)} (RKLLAMA_CPUS): {exc.strerror or exc}"
+                ) from None
+            logger.warning("could not pin to cores %s (%s); running unpinned", list(plan.cores), exc)
         n_threads = plan.threads
         # Embedding models need a whole input in one micro-batch (non-causal attention).
         n_batch = n_ctx if spec.embedding else min(n_ctx, 512)

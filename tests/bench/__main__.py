@@ -4,7 +4,10 @@ Figures are ratios against a baseline measured in the same run, A B A B, because
 shared and noisy. Results are printed and written to tests/bench/results/latest.json.
 
 1. Decode rate through the HTTP stream vs the same engine called directly (same model, prompt, seed,
-   num_predict, threads): rate = (tokens - 1) / (time of last token - time of first token).
+   num_predict, threads, cores): rate = (tokens - 1) / (time of last token - time of first token).
+   Twice for SmolLM2: with everything sharing every core (the default on a machine whose cores are
+   all alike), and split, the engine on all cores but one and the server and client on that one (what
+   the default does on a big.LITTLE board: llama.cpp on the big cores).
 2. Idle RSS of the server process, and the time from process start to the first answer on `/`.
 3. RKLLM on the simulator: daemon CPU per token, TTFT added, prefill with and without prefix reuse
    (see tests/bench/rkllm.py).
@@ -54,12 +57,12 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def direct_rate(model: Path, prompt: str, tokens: int, threads: int) -> float:
+def direct_rate(model: Path, prompt: str, tokens: int, threads: int, cores: tuple[int, ...] = ()) -> float:
     from rkllama_ollama.runtime.llamacpp import LlamaCppRuntime
 
     affinity = os.sched_getaffinity(0)  # the engine may pin its process (big cores): give it back after
     session = LlamaCppRuntime().load(
-        LoadSpec(engine="llamacpp", model_path=str(model), num_ctx=2048, n_threads=threads)
+        LoadSpec(engine="llamacpp", model_path=str(model), num_ctx=2048, n_threads=threads, cores=cores)
     )
     stamps: list[int] = []
     try:
@@ -105,9 +108,16 @@ def bench_startup(store: Path, rounds: int) -> dict[str, Any]:
     }
 
 
-def bench_decode(store: Path, model_name: str, model_path: Path, rounds: int, tokens: int) -> dict[str, Any]:
+def bench_decode(
+    store: Path, model_name: str, model_path: Path, rounds: int, tokens: int, *, split: bool = False
+) -> dict[str, Any]:
+    """Direct vs HTTP, same engine parameters. `split`: the engine gets every usable core but the first,
+    the server and the client share the first (as on a big.LITTLE board, where the engine runs on the
+    big cores); otherwise all of them share all cores, as they do by default on a small machine."""
     threads = int(os.environ.get("RKLLAMA_NUM_THREADS", "0"))  # 0: the engine's default plan, both sides
-    plan = plan_threads(threads)
+    usable = sorted(os.sched_getaffinity(0))
+    engine_cores = tuple(usable[1:]) if split else ()
+    plan = plan_threads(threads, engine_cores)
     messages = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
     from rkllama_ollama.models.store import Store
 
@@ -115,20 +125,25 @@ def bench_decode(store: Path, model_name: str, model_path: Path, rounds: int, to
     prompt = ChatTemplate(
         entry.chat_template or "", bos_token=entry.bos_token, eos_token=entry.eos_token
     ).render(messages)
-    daemon = Daemon(store, env={"RKLLAMA_EMBEDDED_MODEL": "1", "RKLLAMA_NUM_THREADS": str(threads)}).start()
+    env = {"RKLLAMA_EMBEDDED_MODEL": "1", "RKLLAMA_NUM_THREADS": str(threads)}
+    if split:
+        env["RKLLAMA_CPUS"] = ",".join(str(core) for core in engine_cores)
+        os.sched_setaffinity(0, usable[:1])  # the client, and the daemon started from here
     direct: list[float] = []
     http: list[float] = []
     try:
-        for _ in range(rounds):  # A B A B
-            direct.append(direct_rate(model_path, prompt, tokens, threads))
-            http.append(http_rate(daemon, model_name, messages, tokens))
+        with Daemon(store, env=env).start() as daemon:
+            for _ in range(rounds):  # A B A B
+                direct.append(direct_rate(model_path, prompt, tokens, threads, engine_cores))
+                http.append(http_rate(daemon, model_name, messages, tokens))
     finally:
-        daemon.stop()
+        os.sched_setaffinity(0, usable)
     return {
         "model": model_name,
         "tokens": tokens,
         "threads": plan.threads,
-        "pinned_to": list(plan.cores),
+        "engine_cores": list(plan.cores) or "all usable",
+        "server_and_client_cores": usable[:1] if split else "all usable",
         "direct_tok_s": [round(x, 1) for x in direct],
         "http_tok_s": [round(x, 1) for x in http],
         "http_over_direct": round(statistics.median(h / d for h, d in zip(http, direct, strict=True)), 3),
@@ -154,6 +169,10 @@ def main() -> None:
         smol = embedded_gguf()
         if smol is not None:
             results["decode_smollm2"] = bench_decode(store, "smollm2:135m", smol, args.rounds, args.tokens)
+            if len(os.sched_getaffinity(0)) >= 2:
+                results["decode_smollm2_split"] = bench_decode(
+                    store, "smollm2:135m", smol, args.rounds, args.tokens, split=True
+                )
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
