@@ -335,3 +335,15 @@ def test_suffix_renders_fill_in_the_middle_on_an_insert_model(tmp_path: Path) ->
             "fim", prompt="<PRE> def add( <SUF>    return c <MID>", raw=True, options=options
         )
         assert raw.prompt_eval_count == 1
+
+
+@pytest.mark.parametrize("token", [-1, 2**31, 10**6])
+def test_a_context_token_outside_the_vocabulary_is_a_400_not_a_crash(
+    client: ollama.Client, token: int
+) -> None:
+    # llama.cpp aborts the whole runner process on such an id: it must be refused before it gets there.
+    with pytest.raises(ollama.ResponseError) as failure:
+        client.generate(MODEL, prompt="hi", context=[1, token], options=SHORT)
+    assert failure.value.status_code == 400
+    assert f"token id {token} is outside this model's vocabulary of " in failure.value.error
+    assert client.generate(MODEL, prompt="hi", options=SHORT).done  # the same runner still serves

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from rkllama_ollama.runtime.base import Cancel, LoadSpec, RuntimeFailure, SamplingOptions
+from rkllama_ollama.runtime.base import Cancel, InvalidInput, LoadSpec, RuntimeFailure, SamplingOptions
 from rkllama_ollama.runtime.rkllm import abi
 from rkllama_ollama.runtime.rkllm.library import RkllmLibrary, open_library
 from rkllama_ollama.runtime.rkllm.session import RkllmRuntime, RkllmSession
@@ -348,3 +348,14 @@ def test_sim_allows_ranged_clear_only_after_a_single_turn_pause(
         assert lib.cdll.rkllm_get_kv_cache_size(handle, ctypes.byref(size)) == 0 and size.value == 0
     finally:
         lib.cdll.rkllm_destroy(handle)
+
+
+@pytest.mark.parametrize("tokenizer", [False, True], ids=["byte-tokens", "hf-tokenizer"])
+@pytest.mark.parametrize("token", [-1, 100_000])
+def test_detokenizing_an_id_outside_the_vocabulary_is_invalid_input(
+    open_session: Callable[..., RkllmSession], tokenizer: bool, token: int
+) -> None:
+    session = open_session(tokenizer=tokenizer)
+    assert session.detokenize([104, 105]) == "hi"
+    with pytest.raises(InvalidInput, match=f"token id {token} is outside this model's vocabulary of "):
+        session.detokenize([104, token])

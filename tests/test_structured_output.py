@@ -179,6 +179,29 @@ def test_an_invalid_schema_is_a_400_on_both_apis(daemon: Daemon) -> None:
     assert status == 400 and json.loads(body)["error"]["message"] == 'invalid response_format type: "yaml"'
 
 
+def test_an_array_of_anything_is_enforced(daemon: Daemon) -> None:
+    # `items: {}` ("any item") made the binding's GBNF converter fail with KeyError 'prefixItems': a 500.
+    schema = {"type": "array", "items": {}}
+    client = ollama.Client(host=daemon.url)
+    for seed in (1, 2, 3):  # random weights nest deep: a complete answer is an array, a cut one starts as one
+        reply = client.chat(
+            model="tiny", messages=HELLO, format=schema, options={"num_predict": 1000, "seed": seed}
+        )
+        content = (reply.message.content or "").strip()
+        if reply.done_reason == "stop":
+            assert isinstance(json.loads(content), list), content
+        else:
+            assert content.startswith("["), content[:80]
+
+
+def test_a_valid_schema_the_grammar_cannot_express_is_a_400_not_a_500(daemon: Daemon) -> None:
+    schema = {"$ref": "#/definitions/missing"}  # valid JSON Schema, but the reference leads nowhere
+    status, body = post(daemon.url + "/api/chat", {"model": "tiny", "messages": HELLO, "format": schema})
+    assert status == 400
+    assert json.loads(body)["error"].startswith("this JSON schema cannot be enforced on a GGUF model (")
+    assert ollama.Client(host=daemon.url).chat(model="tiny", messages=HELLO, options={"num_predict": 2}).done
+
+
 # -- .rkllm (simulator): guided, then validated -----------------------------------------------------
 
 

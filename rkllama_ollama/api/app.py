@@ -26,7 +26,7 @@ from rkllama_ollama.config import Settings
 from rkllama_ollama.generation import Generator
 from rkllama_ollama.models.names import InvalidModelName
 from rkllama_ollama.models.store import Store
-from rkllama_ollama.runtime.base import ContextOverflow, RuntimeFailure
+from rkllama_ollama.runtime.base import InvalidInput, RuntimeFailure
 from rkllama_ollama.scheduler import QueueFull, Scheduler, runner_environment
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return _error(request, 400, str(exc) or "invalid model name")
     except QueueFull as exc:
         return _error(request, 503, str(exc), {"Retry-After": "1"})
-    except ContextOverflow as exc:  # the input does not fit the context: the client's to fix
+    except InvalidInput as exc:  # unusable input (too long for the context, ...): the client's to fix
         return _error(request, 400, str(exc))
     except RuntimeFailure as exc:  # before any byte was written; mid-stream failures are the face's
         return _error(request, 500, str(exc))

@@ -21,7 +21,12 @@ class RuntimeFailure(Exception):
     """
 
 
-class ContextOverflow(RuntimeFailure):
+class InvalidInput(RuntimeFailure):
+    """The engine cannot use what the request gave it (a token id outside the vocabulary, a JSON
+    schema it cannot enforce): the client's to fix, so a 400, never a 500."""
+
+
+class ContextOverflow(InvalidInput):
     """The input does not fit the context window: the client's to fix (shorter input, larger num_ctx)."""
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from rkllama_ollama.runtime.base import (
     EmbedResult,
     EmitPiece,
     GenerationStats,
+    InvalidInput,
     LoadSpec,
     ModelInfo,
     RuntimeFailure,
@@ -202,9 +204,13 @@ class LlamaCppSession:
 
     def detokenize(self, tokens: list[int]) -> str:
         """Inverse of `tokenize`: special tokens are rendered, BOS included."""
-        self._require_open()
+        llm = self._require_open()
         if not tokens:
             return ""
+        n_vocab = int(llm.n_vocab())
+        outside = next((t for t in tokens if not 0 <= t < n_vocab), None)
+        if outside is not None:  # llama.cpp would abort the process on it
+            raise InvalidInput(f"token id {outside} is outside this model's vocabulary of {n_vocab} tokens")
         llama_cpp = self._llama_cpp
         array = (llama_cpp.llama_token * len(tokens))(*tokens)
         size = max(64, len(tokens) * 8)
@@ -428,6 +434,20 @@ class LlamaCppSession:
             logger.info("model released")
 
 
+def _without_empty_subschemas(schema: Any) -> Any:
+    """`items: {}` / `additionalProperties: {}` mean "anything", exactly as if they were absent; the
+    binding's converter fails on the first (KeyError 'prefixItems'), so they are dropped."""
+    if isinstance(schema, list):
+        return [_without_empty_subschemas(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    return {
+        key: _without_empty_subschemas(value)
+        for key, value in schema.items()
+        if not (key in ("items", "additionalProperties") and value == {})
+    }
+
+
 def _schema_grammar(schema: str) -> str:
     """GBNF for a JSON schema (JSON text); the empty schema `{}` means any JSON object (`format: "json"`)."""
     from llama_cpp import llama_grammar
@@ -435,9 +455,11 @@ def _schema_grammar(schema: str) -> str:
     try:
         if schema.strip() in ("{}", ""):
             return str(llama_grammar.JSON_GBNF)
-        return str(llama_grammar.json_schema_to_gbnf(schema))
+        normalised = json.dumps(_without_empty_subschemas(json.loads(schema)))
+        return str(llama_grammar.json_schema_to_gbnf(normalised))
     except Exception as exc:  # the converter raises bare exceptions on schemas it cannot express
-        raise RuntimeFailure(f"cannot turn the JSON schema into a grammar: {exc}") from exc
+        reason = f"{type(exc).__name__}: {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise InvalidInput(f"this JSON schema cannot be enforced on a GGUF model ({reason})") from exc
 
 
 class LlamaCppRuntime:

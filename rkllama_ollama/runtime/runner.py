@@ -17,8 +17,9 @@ event names the `id` it answers.
   {"op": "detokenize", "id", "tokens"}               {"ev": "text", "id", "text"}
   {"op": "abort", "id"}  (acted on at once, even mid-generation)
   {"op": "shutdown"}
-Any command may instead be answered {"ev": "error", "id", "message", "overflow"}; `overflow` marks a
-ContextOverflow (the input does not fit the context), which the server re-raises as such.
+Any command may instead be answered {"ev": "error", "id", "message", "overflow", "invalid"}; `overflow`
+marks a ContextOverflow (the input does not fit the context) and `invalid` an InvalidInput (the request's
+input is unusable), which the server re-raises as such.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from rkllama_ollama.runtime.base import (
     ContextOverflow,
     EmbedResult,
     GenerationStats,
+    InvalidInput,
     LoadSpec,
     ModelInfo,
     Runtime,
@@ -155,8 +157,15 @@ class _ChildRunner:
             try:
                 self._handle(message)
             except RuntimeFailure as exc:
-                overflow = isinstance(exc, ContextOverflow)
-                self.send({"ev": "error", "id": request_id, "message": str(exc), "overflow": overflow})
+                self.send(
+                    {
+                        "ev": "error",
+                        "id": request_id,
+                        "message": str(exc),
+                        "overflow": isinstance(exc, ContextOverflow),
+                        "invalid": isinstance(exc, InvalidInput),
+                    }
+                )
             except Exception as exc:  # an engine bug must not take the runner down silently
                 log.exception("runner: %s failed", message.get("op"))
                 self.send({"ev": "error", "id": request_id, "message": f"runner error: {exc}"})
@@ -390,7 +399,9 @@ class RunnerProcess:
         if kind == "died":
             raise RunnerDied(message["message"])
         if kind == "error":
-            raise (ContextOverflow if message.get("overflow") else RuntimeFailure)(message["message"])
+            if message.get("overflow"):
+                raise ContextOverflow(message["message"])
+            raise (InvalidInput if message.get("invalid") else RuntimeFailure)(message["message"])
 
     async def _call(self, command: dict[str, Any], expect: str) -> dict[str, Any]:
         request_id, inbox = self._open()

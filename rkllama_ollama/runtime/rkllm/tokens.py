@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from rkllama_ollama.runtime.base import InvalidInput
+
 log = logging.getLogger(__name__)
 
 
@@ -25,6 +27,12 @@ class PromptTokenizer(Protocol):
     def token_id(self, token: str) -> int | None: ...
 
 
+def _check_ids(ids: list[int], vocab_size: int) -> None:
+    outside = next((i for i in ids if not 0 <= i < vocab_size), None)
+    if outside is not None:
+        raise InvalidInput(f"token id {outside} is outside this model's vocabulary of {vocab_size} tokens")
+
+
 class ByteTokenizer:
     """One token per UTF-8 byte."""
 
@@ -34,7 +42,8 @@ class ByteTokenizer:
         return list(text.encode("utf-8"))
 
     def decode(self, ids: list[int]) -> str:
-        return bytes(i & 0xFF for i in ids).decode("utf-8", "replace")
+        _check_ids(ids, 256)
+        return bytes(ids).decode("utf-8", "replace")
 
     def token_id(self, token: str) -> int | None:
         return None
@@ -55,6 +64,7 @@ class HfTokenizer:
         return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
 
     def decode(self, ids: list[int]) -> str:
+        _check_ids(ids, self._tokenizer.get_vocab_size(with_added_tokens=True))
         return self._tokenizer.decode(ids, skip_special_tokens=False)
 
     def token_id(self, token: str) -> int | None:
