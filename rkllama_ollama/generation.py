@@ -22,7 +22,13 @@ from rkllama_ollama.chat.parse import OutputPipeline, ToolCall
 from rkllama_ollama.chat.template import ChatTemplate, TemplateError
 from rkllama_ollama.models.store import ModelEntry
 from rkllama_ollama.options import layer_options, sampling_from
-from rkllama_ollama.runtime.base import ContextOverflow, GenerationStats, LoadSpec, RuntimeFailure
+from rkllama_ollama.runtime.base import (
+    ContextOverflow,
+    GenerationStats,
+    LoadSpec,
+    RuntimeFailure,
+    TokenLogprob,
+)
 from rkllama_ollama.runtime.runner import Finished, Piece, RunnerDied
 from rkllama_ollama.scheduler import LoadedModel, Scheduler
 from rkllama_ollama.structured import (
@@ -59,21 +65,29 @@ class GenerationRequest:
     keep_alive_s: float | None = None
     interactive: bool = True  # streaming requests go ahead of queued non-streaming ones
     format: Format | None = None  # structured output: "json" or a JSON schema (already checked)
+    top_logprobs: int = -1  # -1: no log-probabilities; n >= 0: with each token's n likeliest alternatives
 
 
+# `logprobs`, when the request asked for them: the entries of the tokens generated since the previous
+# event (in Ollama's wire shape). Every generated token's entry rides on exactly one event, even while
+# the text itself is held back (a tool call being buffered, a possible stop sequence): then it comes on
+# an empty Content.
 @dataclass(frozen=True)
 class Thinking:
     text: str
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(frozen=True)
 class Content:
     text: str
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(frozen=True)
 class ToolCallEvent:
     call: ToolCall
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(frozen=True)
@@ -362,6 +376,8 @@ class Generator:
             )
             sampling = sampling_from(options)
             held: _HeldAnswer | None = None
+            if request.top_logprobs >= 0:
+                sampling = replace(sampling, top_logprobs=request.top_logprobs)
             if request.format is not None and self._constrains(entry):
                 sampling = replace(sampling, json_schema=schema_text(request.format))
             elif request.format is not None:
@@ -381,7 +397,7 @@ class Generator:
                         else:
                             self.observer.first_piece(model, now_ns - started)
                         last_piece_ns = now_ns
-                        for event in _passed(held, pipeline.feed(item.text)):
+                        for event in _with_logprobs(_passed(held, pipeline.feed(item.text)), item.logprobs):
                             yield event
                         if pipeline.stopped:
                             stopped = True
@@ -439,6 +455,16 @@ def _passed(held: _HeldAnswer | None, events: Iterable[tuple[str, Any]]) -> list
             held.tool_calls += 1
         passed.append(wrapped)
     return passed
+
+
+def _with_logprobs(events: list[Event], logprobs: list[TokenLogprob] | None) -> list[Event]:
+    """Put a piece's logprobs on the first event it produced, or on an empty Content if it produced
+    none (its text is held back), so that no token's entry is lost or delayed."""
+    if logprobs is None:
+        return events
+    if not events:
+        return [Content("", logprobs)]
+    return [replace(events[0], logprobs=logprobs), *events[1:]]
 
 
 def _wrap(event: tuple[str, Any]) -> Event:

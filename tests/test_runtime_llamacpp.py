@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -443,3 +444,39 @@ def test_smollm2_answers_a_short_chat() -> None:
         assert "<|im_end|>" not in text
     finally:
         loaded.close()
+
+
+def test_logprobs_come_with_their_pieces_one_entry_per_token(session: LlamaCppSession) -> None:
+    calls: list[tuple[str, list[dict[str, object]]]] = []
+    options = SamplingOptions(temperature=1.5, top_k=0, top_p=1.0, seed=7, num_predict=24, top_logprobs=3)
+    stats = session.generate(CHAT_PROMPT, options, lambda text, logprobs: calls.append((text, logprobs)))
+    entries = [entry for _, logprobs in calls for entry in logprobs]
+    assert len(entries) == stats.eval_count  # every generated token, none twice
+    generated = stats.context[stats.prompt_tokens :]
+    assert b"".join(bytes(entry["bytes"]) for entry in entries) == b"".join(  # type: ignore[arg-type]
+        session._token_bytes(token) for token in generated
+    )
+    assert "".join(text for text, _ in calls) == session.detokenize(generated)
+    for entry in entries:
+        assert entry["logprob"] <= 0.0  # type: ignore[operator]
+        tops = entry["top_logprobs"]
+        assert len(tops) == 3  # type: ignore[arg-type]
+        values = [top["logprob"] for top in tops]  # type: ignore[index, union-attr]
+        assert values == sorted(values, reverse=True) and sum(math.exp(v) for v in values) <= 1.0 + 1e-9
+        assert entry["logprob"] <= values[0] + 1e-9  # nothing beats the likeliest
+
+
+def test_greedy_picks_the_likeliest_token_and_no_alternatives_when_none_are_asked(
+    session: LlamaCppSession,
+) -> None:
+    calls: list[list[dict[str, object]]] = []
+    options = SamplingOptions(temperature=0.0, num_predict=8, top_logprobs=0)
+    session.generate(CHAT_PROMPT, options, lambda _text, logprobs: calls.append(logprobs))
+    entries = [entry for logprobs in calls for entry in logprobs]
+    assert entries and all("top_logprobs" not in entry for entry in entries)
+    check = SamplingOptions(temperature=0.0, num_predict=8, top_logprobs=1)
+    tops: list[list[dict[str, object]]] = []
+    session.generate(CHAT_PROMPT, check, lambda _text, logprobs: tops.append(logprobs))
+    for entry in (e for logprobs in tops for e in logprobs):
+        assert entry["token"] == entry["top_logprobs"][0]["token"]  # type: ignore[index]
+        assert entry["logprob"] == pytest.approx(entry["top_logprobs"][0]["logprob"])  # type: ignore[index]

@@ -97,20 +97,21 @@ class GenerationFields:
     think: bool | str | None
     format: Format | None
     options: dict[str, Any]
+    top_logprobs: int  # -1: no logprobs; n >= 0: logprobs with n alternatives per token
 
 
 def parse_generation_fields(body: dict[str, Any]) -> GenerationFields:
-    fields = GenerationFields(
+    top_logprobs = field_of(body, "top_logprobs", int, "an integer")
+    if top_logprobs is not None and not 0 <= top_logprobs <= 20:
+        raise BadRequest("top_logprobs must be between 0 and 20")
+    return GenerationFields(
         stream=field_of(body, "stream", bool, "a boolean") is not False,
         keep_alive=parse_keep_alive_field(body),
         think=parse_think(body),
         format=parse_format(body),
         options=parse_options(body),
+        top_logprobs=(top_logprobs or 0) if field_of(body, "logprobs", bool, "a boolean") else -1,
     )
-    top_logprobs = field_of(body, "top_logprobs", int, "an integer")
-    if top_logprobs is not None and not 0 <= top_logprobs <= 20:
-        raise BadRequest("top_logprobs must be between 0 and 20")
-    return fields
 
 
 def parse_tools(body: dict[str, Any]) -> list[dict[str, Any]] | None:
@@ -381,6 +382,7 @@ class OllamaApi:
             keep_alive_s=keep_alive,
             interactive=common.stream,
             format=common.format,
+            top_logprobs=common.top_logprobs,
         )
 
         def chunk(event: Event) -> dict[str, Any]:
@@ -389,7 +391,7 @@ class OllamaApi:
                 base["thinking"] = event.text
             elif isinstance(event, Content):
                 base["response"] = event.text
-            return base
+            return _with_logprobs(base, event)
 
         def final(done: Done, collected: _Collected | None) -> dict[str, Any]:
             reply = self._final_generate(label, done.done_reason)
@@ -399,6 +401,8 @@ class OllamaApi:
                     reply["thinking"] = collected.thinking
             if collected is not None and collected.tool_calls:
                 reply["tool_calls"] = collected.tool_calls
+            if collected is not None and collected.logprobs:
+                reply["logprobs"] = collected.logprobs
             if not raw:
                 reply["context"] = done.context
             reply.update(_stats_fields(done))
@@ -434,6 +438,7 @@ class OllamaApi:
             keep_alive_s=keep_alive,
             interactive=common.stream,
             format=common.format,
+            top_logprobs=common.top_logprobs,
         )
 
         def chunk(event: Event) -> dict[str, Any]:
@@ -444,7 +449,8 @@ class OllamaApi:
                 message["content"] = event.text
             elif isinstance(event, ToolCallEvent):
                 message["tool_calls"] = [_tool_call_json(event)]
-            return {"model": label, "created_at": wire.rfc3339_utc(), "message": message, "done": False}
+            base = {"model": label, "created_at": wire.rfc3339_utc(), "message": message, "done": False}
+            return _with_logprobs(base, event)
 
         def final(done: Done, collected: _Collected | None) -> dict[str, Any]:
             reply = self._final_chat(label, done.done_reason)
@@ -455,6 +461,8 @@ class OllamaApi:
                     message["thinking"] = collected.thinking
                 if collected.tool_calls:
                     message["tool_calls"] = collected.tool_calls
+                if collected.logprobs:
+                    reply["logprobs"] = collected.logprobs
             reply.update(_stats_fields(done))
             return reply
 
@@ -703,13 +711,22 @@ class OllamaApi:
         raise RuntimeFailure("generation ended without a final result")
 
 
+def _with_logprobs(chunk: dict[str, Any], event: Event) -> dict[str, Any]:
+    logprobs = getattr(event, "logprobs", None)
+    if logprobs is not None:
+        chunk["logprobs"] = logprobs
+    return chunk
+
+
 class _Collected:
     def __init__(self) -> None:
         self._content: list[str] = []
         self._thinking: list[str] = []
         self.tool_calls: list[dict[str, Any]] = []
+        self.logprobs: list[Any] = []
 
     def add(self, event: Event) -> None:
+        self.logprobs.extend(getattr(event, "logprobs", None) or ())
         if isinstance(event, Content):
             self._content.append(event.text)
         elif isinstance(event, Thinking):

@@ -23,6 +23,8 @@ from aiohttp import web
 from rkllama_ollama.api import wire
 from rkllama_ollama.api.context import AppContext
 from rkllama_ollama.api.openai_request import (
+    chat_logprobs_of,
+    completion_logprobs_of,
     format_of,
     go_type,
     messages_of,
@@ -45,7 +47,7 @@ from rkllama_ollama.generation import (
     l2_normalised,
 )
 from rkllama_ollama.models.store import ModelEntry, ModelNotFound
-from rkllama_ollama.runtime.base import RuntimeFailure
+from rkllama_ollama.runtime.base import RuntimeFailure, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,34 @@ def model_object(entry: ModelEntry, model_id: str | None = None) -> dict[str, An
     }
 
 
+def _chat_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
+    """Chat's `logprobs` object: Ollama's entries, with `top_logprobs` always present as OpenAI's are."""
+    return {"content": [{**entry, "top_logprobs": entry.get("top_logprobs", [])} for entry in entries]}
+
+
+class _LegacyLogprobs:
+    """`/v1/completions` logprobs (tokens, token_logprobs, top_logprobs, text_offset), offsets counted
+    in characters from the start of the completion across streamed chunks."""
+
+    def __init__(self) -> None:
+        self.offset = 0
+
+    def of(self, entries: list[TokenLogprob]) -> dict[str, Any]:
+        tokens, offsets = [], []
+        for entry in entries:
+            tokens.append(entry["token"])
+            offsets.append(self.offset)
+            self.offset += len(entry["token"])
+        return {
+            "tokens": tokens,
+            "token_logprobs": [entry["logprob"] for entry in entries],
+            "top_logprobs": [
+                {top["token"]: top["logprob"] for top in entry.get("top_logprobs", [])} for entry in entries
+            ],
+            "text_offset": offsets,
+        }
+
+
 class _Answer:
     """A whole (non-streamed) answer, gathered from the events."""
 
@@ -95,8 +125,10 @@ class _Answer:
         self.content: list[str] = []
         self.reasoning: list[str] = []
         self.tool_calls: list[dict[str, Any]] = []
+        self.logprobs: list[TokenLogprob] = []
 
     def add(self, event: Event) -> None:
+        self.logprobs.extend(getattr(event, "logprobs", None) or ())
         if isinstance(event, Content):
             self.content.append(event.text)
         elif isinstance(event, Thinking):
@@ -156,6 +188,7 @@ class OpenAiApi:
         think = think_of(body)
         fmt = format_of(body)
         tools = tools_of(body)
+        top_logprobs = chat_logprobs_of(body)
         entry = await self._entry(label, "chat", think)
         if any(m.get("images") for m in messages) and "vision" not in entry.capabilities:
             raise BadRequest(f'"{label}" does not support images')
@@ -167,6 +200,7 @@ class OpenAiApi:
             options=options,
             interactive=stream,
             format=fmt,
+            top_logprobs=top_logprobs,
         )
         completion_id = f"chatcmpl-{random.randrange(999)}"
         created = int(time.time())
@@ -194,6 +228,8 @@ class OpenAiApi:
                     "message": message,
                     "finish_reason": _finish_reason(done, bool(answer.tool_calls)),
                 }
+                if top_logprobs >= 0:
+                    choice["logprobs"] = _chat_logprobs(answer.logprobs)
                 return envelope(choices=[choice], usage=_usage(done))
 
             return await self._whole(gen, whole)
@@ -220,7 +256,10 @@ class OpenAiApi:
             elif isinstance(event, ToolCallEvent):
                 delta["tool_calls"] = [_tool_call(event)]
                 tool_calls_sent = True
-            return [envelope(choices=[{"index": 0, "delta": delta, "finish_reason": None}])]
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": None}
+            if event.logprobs is not None:
+                choice["logprobs"] = _chat_logprobs(event.logprobs)
+            return [envelope(choices=[choice])]
 
         return await self._stream(request, gen, chunks)
 
@@ -237,12 +276,20 @@ class OpenAiApi:
         options.setdefault("frequency_penalty", 0.0)
         options.setdefault("presence_penalty", 0.0)
         stream, include_usage = stream_of(body)
+        top_logprobs = completion_logprobs_of(body)
         entry = await self._entry(label, "generate")
         if suffix and "insert" not in entry.capabilities:
             raise BadRequest(f"{entry.name.full} does not support insert")
         gen = GenerationRequest(
-            entry=entry, prompt=prompt or "", suffix=suffix, options=options, interactive=stream, think=False
+            entry=entry,
+            prompt=prompt or "",
+            suffix=suffix,
+            options=options,
+            interactive=stream,
+            think=False,
+            top_logprobs=top_logprobs,
         )
+        legacy = _LegacyLogprobs()
         completion_id = f"cmpl-{random.randrange(999)}"
         created = int(time.time())
         zero_usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
@@ -261,8 +308,13 @@ class OpenAiApi:
         if not stream:
 
             def whole(done: Done, answer: _Answer) -> dict[str, Any]:
-                choice = {"text": "".join(answer.content), "index": 0, "finish_reason": done.done_reason}
-                choice["finish_reason"] = _finish_reason(done, False)
+                choice: dict[str, Any] = {
+                    "text": "".join(answer.content),
+                    "index": 0,
+                    "finish_reason": _finish_reason(done, False),
+                }
+                if top_logprobs >= 0:
+                    choice["logprobs"] = legacy.of(answer.logprobs)
                 return envelope([choice], usage=_usage(done))
 
             return await self._whole(gen, whole)
@@ -277,7 +329,10 @@ class OpenAiApi:
                 return out
             if not isinstance(event, Content):
                 return []
-            return [envelope([{"text": event.text, "index": 0, "finish_reason": None}], **extra)]
+            choice: dict[str, Any] = {"text": event.text, "index": 0, "finish_reason": None}
+            if event.logprobs is not None:
+                choice["logprobs"] = legacy.of(event.logprobs)
+            return [envelope([choice], **extra)]
 
         return await self._stream(request, gen, chunks)
 

@@ -262,3 +262,21 @@ def format_of(body: dict[str, Any]) -> Format | None:
     if kind == "text" or kind is None:
         return None
     raise BadRequest(f"invalid response_format type: {orjson.dumps(kind).decode()}")
+
+
+def _checked_top_logprobs(value: int | None) -> int:
+    if value is not None and not 0 <= value <= 20:
+        raise BadRequest("top_logprobs must be between 0 and 20")
+    return value or 0
+
+
+def chat_logprobs_of(body: dict[str, Any]) -> int:
+    """Chat's `logprobs` (bool) and `top_logprobs` (0-20): -1 = none, else the alternatives per token."""
+    top = _checked_top_logprobs(field_of(body, "top_logprobs", int, "an integer"))
+    return top if field_of(body, "logprobs", bool, "a boolean") else -1
+
+
+def completion_logprobs_of(body: dict[str, Any]) -> int:
+    """Completions' `logprobs` is the number of alternatives per token (absent or null = none)."""
+    value = field_of(body, "logprobs", int, "an integer")
+    return -1 if value is None else _checked_top_logprobs(value)

@@ -96,6 +96,9 @@ class SamplingOptions:
     # Structured output: a JSON schema as JSON text; engines that can constrain decoding (llama.cpp)
     # turn it into a grammar inside the runner. Ignored when `grammar` is set.
     json_schema: str | None = None
+    # Log-probabilities of the generated tokens: -1 = off, n >= 0 = on, with the n likeliest
+    # alternatives of each token (engines that cannot compute them ignore it).
+    top_logprobs: int = -1
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
@@ -139,7 +142,15 @@ class EmbedResult:
         return _from_dict(cls, data)
 
 
-EmitPiece = Callable[[str], None]
+TokenLogprob = dict[str, Any]  # {"token", "logprob", "bytes", "top_logprobs"?}: Ollama's wire shape
+
+
+class EmitPiece(Protocol):
+    """Receives generated text as it is produced. Called `emit(text)`, or `emit(text, logprobs)` when
+    the request asked for log-probabilities: one entry per token that went into `text` since the
+    last call (`text` may be "" when tokens were generated that do not complete a character)."""
+
+    def __call__(self, text: str, logprobs: list[TokenLogprob] | None = None, /) -> None: ...
 
 
 class Cancel:

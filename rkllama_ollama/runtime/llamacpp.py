@@ -39,6 +39,7 @@ from rkllama_ollama.runtime.base import (
     ModelInfo,
     RuntimeFailure,
     SamplingOptions,
+    TokenLogprob,
 )
 from rkllama_ollama.runtime.cpus import plan_threads, process_pinning
 
@@ -283,6 +284,8 @@ class LlamaCppSession:
 
         generated: list[int] = []
         decoder = _PieceDecoder(self._token_bytes)
+        top_logprobs = options.top_logprobs
+        logprobs: list[TokenLogprob] = []  # entries of tokens not yet handed over with a piece
         limit = options.num_predict if options.num_predict >= 0 else self._n_ctx
         done_reason = "length"
         if llm.n_tokens < len(tokens):
@@ -298,13 +301,20 @@ class LlamaCppSession:
                 break
             generated.append(token)
             piece = decoder.feed(token)
-            if piece:
+            if top_logprobs >= 0:
+                logprobs.append(self._logprob_entry(llm, token, top_logprobs))
+                if piece:
+                    emit(piece, logprobs)
+                    logprobs = []
+            elif piece:
                 emit(piece)
             if len(generated) >= limit or llm.n_tokens >= self._n_ctx:
                 break
             llm.eval([token])
         tail = decoder.flush()
-        if tail:
+        if logprobs:
+            emit(tail, logprobs)
+        elif tail:
             emit(tail)
         finished = time.perf_counter_ns()
 
@@ -325,6 +335,27 @@ class LlamaCppSession:
             prompt_eval_count,
         )
         return stats
+
+    def _logprob_entry(self, llm: Any, token: int, top: int) -> TokenLogprob:
+        """The token's log-probability under the model (log-softmax of the raw logits, before sampling
+        settings), with the `top` likeliest tokens at that position."""
+        import numpy as np  # a dependency of llama-cpp-python; only runners that compute logprobs use it
+
+        n_vocab = int(llm.n_vocab())
+        pointer = self._llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        logits = np.ctypeslib.as_array(pointer, shape=(n_vocab,)).astype(np.float64)
+        peak = logits.max()
+        log_total = peak + np.log(np.exp(logits - peak).sum())
+        entry = self._token_entry(token, float(logits[token] - log_total))
+        if top > 0:
+            best = np.argpartition(-logits, min(top, n_vocab) - 1)[:top]
+            best = best[np.argsort(-logits[best], kind="stable")]
+            entry["top_logprobs"] = [self._token_entry(int(i), float(logits[i] - log_total)) for i in best]
+        return entry
+
+    def _token_entry(self, token: int, logprob: float) -> TokenLogprob:
+        raw = self._token_bytes(token)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
 
     def _reuse_prefix(self, llm: Any, tokens: list[int]) -> int:
         """Keep the cached prefix shared with `tokens` (at least one token is re-fed for logits)."""

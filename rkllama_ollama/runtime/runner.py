@@ -51,6 +51,7 @@ from rkllama_ollama.runtime.base import (
     RuntimeFailure,
     SamplingOptions,
     Session,
+    TokenLogprob,
 )
 
 log = logging.getLogger(__name__)
@@ -200,8 +201,11 @@ class _ChildRunner:
                 options = SamplingOptions.from_wire(message.get("options") or {})
                 send = self.send
 
-                def emit(text: str) -> None:
-                    send({"ev": "piece", "id": request_id, "text": text})
+                def emit(text: str, logprobs: list[TokenLogprob] | None = None) -> None:
+                    if logprobs is None:
+                        send({"ev": "piece", "id": request_id, "text": text})
+                    else:
+                        send({"ev": "piece", "id": request_id, "text": text, "logprobs": logprobs})
 
                 stats = session.generate(message["prompt"], options, emit, cancel)
             finally:
@@ -251,6 +255,7 @@ class RunnerDied(RuntimeFailure):
 @dataclass(frozen=True)
 class Piece:
     text: str
+    logprobs: list[TokenLogprob] | None = None  # the tokens that made `text`, when asked for
 
 
 @dataclass(frozen=True)
@@ -495,7 +500,7 @@ class RunnerGeneration:
             raise
         kind = message.get("ev")
         if kind == "piece":
-            return Piece(message["text"])
+            return Piece(message["text"], message.get("logprobs"))
         self._finished = True
         self._runner._waiting.pop(self._id, None)
         if kind == "done":

@@ -389,6 +389,8 @@ class RkllmSession:
             raise RuntimeFailure("the prompt is empty")
         if cancel is not None and cancel.is_set():
             return self._cancelled_before_start(tokens)
+        if options.top_logprobs >= 0:
+            log.info("log-probabilities are not available from the RKLLM runtime: none are returned")
         self._ensure_sampling(options)
         context = self._context_limit
         if len(tokens) >= context:
