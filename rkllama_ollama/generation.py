@@ -379,7 +379,14 @@ class Generator:
             if request.top_logprobs >= 0:
                 sampling = replace(sampling, top_logprobs=request.top_logprobs)
             if request.format is not None and self._constrains(entry):
-                sampling = replace(sampling, json_schema=schema_text(request.format))
+                # Like Ollama: a thinking model thinks freely, the format holds for the answer after it.
+                think_open, think_close = pipeline.thinking_tags or ("", "")
+                sampling = replace(
+                    sampling,
+                    json_schema=schema_text(request.format),
+                    think_open=think_open,
+                    think_close=think_close,
+                )
             elif request.format is not None:
                 held = _HeldAnswer(request.format)
             stats: GenerationStats | None = None

@@ -32,6 +32,7 @@ from rkllama_ollama.structured import (
 )
 from tests.rkllm_support.sim import build_simulators, write_byte_tokenizer, write_model
 from tests.support.daemon import Daemon, http_request
+from tests.support.tiny_gguf import write_tiny_gguf
 
 # Only bounded values: a random model's strings might not close within num_predict.
 SCHEMA: dict[str, Any] = {
@@ -258,3 +259,29 @@ def test_rkllm_answer_that_does_not_match_is_an_error(sim_daemon: Daemon, model:
 def test_rkllm_without_format_returns_the_answer_untouched(sim_daemon: Daemon) -> None:
     reply = ollama.Client(host=sim_daemon.url).chat(model="prose", messages=HELLO)
     assert reply.message.content == "Sure, here is a JSON object for you."
+
+
+# A DeepSeek-R1-style template: the generation prompt opens the thinking block.
+OPENS_THINKING = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n<think>\\n' }}{% endif %}"
+)
+
+
+def test_a_thinking_model_thinks_freely_under_a_format(tmp_path: Path) -> None:
+    # Ollama applies the format to the answer after the thinking block, not to the thinking. The tiny
+    # model never closes its block, so its whole output is thinking: it must be exactly what it thinks
+    # with no format at all (same seed), and the answer stays empty rather than forced JSON.
+    store = tmp_path / "models"
+    (store / "thinker").mkdir(parents=True)
+    write_tiny_gguf(store / "thinker" / "tiny.gguf", chat_template=OPENS_THINKING)
+    (store / "thinker" / "Modelfile").write_text('FROM="tiny.gguf"\n')
+    options = {"num_predict": 40, "seed": 9, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    with Daemon(store).start() as server:
+        client = ollama.Client(host=server.url)
+        assert "thinking" in client.show("thinker").capabilities
+        free = client.chat(model="thinker", messages=HELLO, options=options)
+        held = client.chat(model="thinker", messages=HELLO, options=options, format=SCHEMA)
+    assert free.message.thinking and held.message.thinking == free.message.thinking
+    assert held.message.content == "" and held.done_reason == "length"

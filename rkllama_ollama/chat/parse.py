@@ -585,6 +585,11 @@ class OutputPipeline:
             else None
         )
         self._keep_thinking = keep_thinking
+        # What a grammar must let through before the answer (runtime/grammar.py): the open tag ("" when
+        # the prompt already opened the block) and the close tag; None when output is not split.
+        self.thinking_tags: tuple[str, str] | None = (
+            ("" if start_in_thinking else open_tag, close_tag) if split_thinking else None
+        )
         self._tools = ToolCallParser(tool_style, tools=tools) if tool_style else None
         self.stopped = False
         self._finished = False

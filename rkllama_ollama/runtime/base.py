@@ -96,6 +96,11 @@ class SamplingOptions:
     # Structured output: a JSON schema as JSON text; engines that can constrain decoding (llama.cpp)
     # turn it into a grammar inside the runner. Ignored when `grammar` is set.
     json_schema: str | None = None
+    # A thinking model: `grammar`/`json_schema` constrain only the answer after its thinking block, which
+    # ends with `think_close`; `think_open` empty = the prompt already opened the block, else the model
+    # may open one itself with that tag (runtime/grammar.py).
+    think_open: str = ""
+    think_close: str = ""
     # Log-probabilities of the generated tokens: -1 = off, n >= 0 = on, with the n likeliest
     # alternatives of each token (engines that cannot compute them ignore it).
     top_logprobs: int = -1

@@ -42,6 +42,7 @@ from rkllama_ollama.runtime.base import (
     TokenLogprob,
 )
 from rkllama_ollama.runtime.cpus import plan_threads, process_pinning
+from rkllama_ollama.runtime.grammar import answer_after_thinking
 
 logger = logging.getLogger(__name__)
 
@@ -403,10 +404,7 @@ class LlamaCppSession:
                     llama_cpp.llama_sampler_accept(penalty_sampler, token)
             gbnf = options.grammar or (_schema_grammar(options.json_schema) if options.json_schema else None)
             if gbnf:
-                grammar = llama_cpp.llama_sampler_init_grammar(self._vocab, gbnf.encode("utf-8"), b"root")
-                if not grammar:
-                    raise RuntimeFailure("the grammar could not be parsed (GBNF with a 'root' rule expected)")
-                llama_cpp.llama_sampler_chain_add(sampler.sampler, grammar)
+                llama_cpp.llama_sampler_chain_add(sampler.sampler, self._grammar_sampler(gbnf, options))
             if options.temperature <= 0.0:
                 sampler.add_greedy()
                 return sampler
@@ -424,6 +422,24 @@ class LlamaCppSession:
         except BaseException:
             sampler.close()
             raise
+
+    def _grammar_sampler(self, gbnf: str, options: SamplingOptions) -> Any:
+        llama_cpp = self._llama_cpp
+        if not options.think_close:
+            grammar = llama_cpp.llama_sampler_init_grammar(self._vocab, gbnf.encode("utf-8"), b"root")
+        else:
+            answer = answer_after_thinking(gbnf, options.think_open, options.think_close)
+            text, root = answer.gbnf.encode("utf-8"), answer.root.encode("utf-8")
+            if answer.trigger_pattern is None:
+                grammar = llama_cpp.llama_sampler_init_grammar(self._vocab, text, root)
+            else:
+                patterns = (ctypes.c_char_p * 1)(answer.trigger_pattern.encode("utf-8"))
+                grammar = llama_cpp.llama_sampler_init_grammar_lazy_patterns(
+                    self._vocab, text, root, patterns, 1, None, 0
+                )
+        if not grammar:
+            raise RuntimeFailure("the grammar could not be parsed (GBNF with a 'root' rule expected)")
+        return grammar
 
     # -- embeddings --------------------------------------------------------------------------
 
