@@ -212,7 +212,9 @@ class Generator:
             num_ctx=int(num_ctx),
             n_threads=int(merged.get("num_thread") or self.num_threads),
             cores=self.cpus if entry.format != "rkllm" else (),
-            embedding=embedding,
+            # llama.cpp loads a context for either generating or embedding; an RKLLM handle does both
+            # (hidden-layer runs), so a .rkllm model is never reloaded to switch (seconds on a board).
+            embedding=embedding and entry.format != "rkllm",
             tokenizer_dir=str(entry.tokenizer_dir) if entry.tokenizer_dir else None,
             # Sampling lives in SamplingOptions per request; rkllm families C-E need init-time defaults.
             params=params if entry.format == "rkllm" else {},

@@ -290,16 +290,17 @@ def test_chat_after_hidden_layer_runs_feeds_the_whole_prompt_then_reuses_its_pre
     after that reuses the KV prefix again (families D-F; C has no keep_history); and a chat after an
     embedding-only model was used works too.
 
-    Embeddings load a model with their own LoadSpec (embedding=True), so today the embed on `chat` runs in
-    a runner of its own and the next chat in a new one; the test holds as well where one session does both
-    (RkllmSession.embed then resets its KV bookkeeping, and without that reset turn 2 would be fed only its
-    new suffix)."""
+    One RKLLM session does both (no reload to switch, which takes seconds on a board): the runner that
+    chatted is the one that embeds. RkllmSession.embed resets its KV bookkeeping; without that reset turn 2
+    would be fed only its new suffix."""
     turn1 = [{"role": "user", "content": "Tell me a story."}]
     reply = client.chat("chat", messages=turn1)
     assert reply.message.content == CHAT_REPLY
     assert reply.prompt_eval_count == chat_prompt_tokens(turn1)
+    runners = family_daemon.runner_pids()
 
     embedded = client.embed(model="chat", input=["alpha", "Tell me a story."])
+    assert family_daemon.runner_pids() == runners  # embedded in the same runner, not a reloaded one
     assert embedded.embeddings == [
         pytest.approx(unit(expected_vector(text)), abs=1e-6) for text in ("alpha", "Tell me a story.")
     ]
@@ -308,6 +309,7 @@ def test_chat_after_hidden_layer_runs_feeds_the_whole_prompt_then_reuses_its_pre
     reply = client.chat("chat", messages=turn2)
     assert reply.message.content == CHAT_REPLY
     assert reply.prompt_eval_count == chat_prompt_tokens(turn2)
+    assert family_daemon.runner_pids() == runners
 
     turn3 = [*turn2, {"role": "assistant", "content": CHAT_REPLY}, {"role": "user", "content": "More."}]
     reply = client.chat("chat", messages=turn3)
