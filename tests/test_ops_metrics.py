@@ -16,7 +16,7 @@ from rkllama_ollama.api.app import create_app
 from rkllama_ollama.api.metrics import METRICS_KEY, MetricsObserver, RequestRecord, _current_record
 from rkllama_ollama.config import Settings
 from rkllama_ollama.runtime.base import GenerationStats
-from tests.rkllm_support.sim import build_simulators, write_model
+from tests.rkllm_support.sim import add_sim_model, build_simulators
 from tests.support.daemon import Daemon
 
 PROMPT = "tell me the secret word xyzzy-prompt"
@@ -109,8 +109,7 @@ def test_observer_feeds_counters_and_the_request_record(tmp_path: Path) -> None:
 def sim_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     library = build_simulators()["F"]
     store = tmp_path_factory.mktemp("ops-metrics") / "models"
-    write_model(store / "sim", reply="one two three four five", token_delay_ms=1)
-    (store / "sim" / "Modelfile").write_text('FROM="sim.rkllm"\n', encoding="utf-8")
+    add_sim_model(store, "sim", reply="one two three four five", token_delay_ms=1)
     with Daemon(store, env={"RKLLAMA_RKLLM_LIB": str(library)}).start() as server:
         yield server
 

@@ -20,7 +20,7 @@ from aiohttp import web
 from rkllama_ollama.api import wire
 from rkllama_ollama.api.shutdown import SHUTDOWN_MESSAGE, InFlightRequests
 from rkllama_ollama.notify import Notifier
-from tests.rkllm_support.sim import build_simulators, write_model
+from tests.rkllm_support.sim import add_sim_model, build_simulators
 from tests.support.daemon import child_pids, free_port
 
 LONG_REPLY = "lorem ipsum " * 2000  # 24000 bytes at 5 ms each: minutes, unless something stops it
@@ -37,8 +37,7 @@ def notify_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
 
 def sim_store(root: Path) -> Path:
     store = root / "models"
-    write_model(store / "slow", reply=LONG_REPLY, token_delay_ms=5)
-    (store / "slow" / "Modelfile").write_text('FROM="sim.rkllm"\n', encoding="utf-8")
+    add_sim_model(store, "slow", reply=LONG_REPLY, token_delay_ms=5)
     return store
 
 

@@ -14,9 +14,8 @@ import pytest
 from tests.rkllm_support.sim import (
     FAMILIES,
     SIM_VERSIONS,
+    add_sim_model,
     build_simulators,
-    write_byte_tokenizer,
-    write_model,
 )
 from tests.support.daemon import Daemon
 
@@ -25,11 +24,7 @@ LONG_REPLY = "lorem ipsum " * 400  # 4800 bytes at 2 ms each: ~10 s if nobody st
 
 
 def add_model(store: Path, name: str, *, tokenizer: bool = False, **keys: object) -> None:
-    folder = store / name
-    write_model(folder, **keys)
-    (folder / "Modelfile").write_text('FROM="sim.rkllm"\nTEMPERATURE=0.7\n', encoding="utf-8")
-    if tokenizer:
-        write_byte_tokenizer(folder / "tokenizer")
+    add_sim_model(store, name, tokenizer=tokenizer, modelfile=("TEMPERATURE=0.7",), **keys)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

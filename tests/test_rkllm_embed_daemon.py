@@ -29,7 +29,11 @@ import openai
 import pytest
 
 from rkllama_ollama.generation import INPUT_TOO_LONG
-from tests.rkllm_support.sim import FAMILIES, build_simulators, write_byte_tokenizer, write_model
+from tests.rkllm_support.sim import (
+    FAMILIES,
+    add_sim_model,
+    build_simulators,
+)
 from tests.support.daemon import Daemon
 
 EMBD_SIZE = 48  # not the simulator's default (64): the width must come from the runtime
@@ -102,15 +106,8 @@ def add_model(
     num_ctx: int | None = None,
     **keys: object,
 ) -> None:
-    folder = store / name
-    written = write_model(folder, **keys)
-    written.rename(folder / file_name)
-    lines = [f'FROM="{file_name}"', "TEMPERATURE=0.7"]
-    if num_ctx is not None:
-        lines.append(f"NUM_CTX={num_ctx}")
-    (folder / "Modelfile").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    if tokenizer:
-        write_byte_tokenizer(folder / "tokenizer")
+    lines = ("TEMPERATURE=0.7",) + ((f"NUM_CTX={num_ctx}",) if num_ctx is not None else ())
+    add_sim_model(store, name, file_name=file_name, tokenizer=tokenizer, modelfile=lines, **keys)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -30,7 +30,7 @@ from rkllama_ollama.structured import (
     schema_text,
     validated_answer,
 )
-from tests.rkllm_support.sim import build_simulators, write_byte_tokenizer, write_model
+from tests.rkllm_support.sim import add_sim_model, build_simulators
 from tests.support.daemon import Daemon, http_request
 from tests.support.tiny_gguf import write_tiny_gguf
 
@@ -207,10 +207,7 @@ def test_a_valid_schema_the_grammar_cannot_express_is_a_400_not_a_500(daemon: Da
 
 
 def _sim_model(store: Path, name: str, reply: str) -> None:
-    folder = store / name
-    write_model(folder, reply=reply)
-    (folder / "Modelfile").write_text('FROM="sim.rkllm"\n', encoding="utf-8")
-    write_byte_tokenizer(folder / "tokenizer")
+    add_sim_model(store, name, reply=reply, tokenizer=True)
 
 
 @pytest.fixture(scope="module")

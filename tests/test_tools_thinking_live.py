@@ -14,7 +14,7 @@ import ollama
 import openai
 import pytest
 
-from tests.rkllm_support.sim import build_simulators, write_byte_tokenizer, write_model
+from tests.rkllm_support.sim import add_sim_model, build_simulators
 from tests.support.daemon import Daemon
 
 # A Qwen-style template: renders tools, and knows thinking (so the store reports both capabilities).
@@ -43,9 +43,8 @@ WEATHER_TOOL = {
 
 def add_model(store: Path, name: str, reply: str) -> None:
     folder = store / name
-    write_model(folder, reply=reply)
-    (folder / "Modelfile").write_text('FROM="sim.rkllm"\n', encoding="utf-8")
-    tokenizer = write_byte_tokenizer(folder / "tokenizer")
+    add_sim_model(store, name, reply=reply, tokenizer=True)
+    tokenizer = folder / "tokenizer"
     config = json.loads((tokenizer / "tokenizer_config.json").read_text())
     config["chat_template"] = TEMPLATE
     (tokenizer / "tokenizer_config.json").write_text(json.dumps(config))

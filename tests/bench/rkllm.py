@@ -24,7 +24,7 @@ from typing import Any
 import ollama
 
 from rkllama_ollama.runtime.base import LoadSpec, SamplingOptions
-from tests.rkllm_support.sim import build_simulators, write_byte_tokenizer, write_model
+from tests.rkllm_support.sim import add_sim_model, build_simulators
 from tests.support.daemon import Daemon
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -37,12 +37,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def _model(store: Path, name: str, *, tokenizer: bool = False, **keys: object) -> Path:
-    folder = store / name
-    path = write_model(folder, **keys)
-    (folder / "Modelfile").write_text('FROM="sim.rkllm"\n', encoding="utf-8")
-    if tokenizer:
-        write_byte_tokenizer(folder / "tokenizer")
-    return path
+    return add_sim_model(store, name, tokenizer=tokenizer, **keys)
 
 
 def cpu_per_token(store: Path, tokens: int) -> dict[str, Any]:

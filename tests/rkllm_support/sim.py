@@ -34,6 +34,28 @@ def write_model(folder: Path, reply: str = "ok", **keys: object) -> Path:
     return path
 
 
+def add_sim_model(
+    store: Path,
+    name: str,
+    *,
+    file_name: str = "sim.rkllm",
+    tokenizer: bool = False,
+    modelfile: tuple[str, ...] = (),
+    **keys: object,
+) -> Path:
+    """A store folder in the seed layout: a simulator model `file_name`, a Modelfile (`FROM` plus the
+    `modelfile` lines), and with `tokenizer` the byte tokenizer. `keys` go to the model (`write_model`)."""
+    folder = store / name
+    path = write_model(folder, **keys)
+    if file_name != path.name:
+        path = path.rename(folder / file_name)
+    lines = [f'FROM="{file_name}"', *modelfile]
+    (folder / "Modelfile").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    if tokenizer:
+        write_byte_tokenizer(folder / "tokenizer")
+    return path
+
+
 def _bytes_to_unicode() -> dict[int, str]:
     """The byte -> printable character map of byte-level BPE (GPT-2 style)."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
