@@ -195,34 +195,23 @@ def assert_store_contained(daemon: Daemon) -> None:
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
+@pytest.mark.parametrize(
+    ("path", "bodies"),
+    [
+        ("/api/chat", chat_bodies),
+        ("/api/generate", generate_bodies),
+        ("/api/embed", embed_bodies),
+        ("/api/embeddings", embeddings_bodies),
+        ("/api/show", show_bodies),
+    ],
+    ids=["chat", "generate", "embed", "embeddings", "show"],
+)
 @FUZZ
-@given(body=one_fault(chat_bodies))
-def test_chat_never_5xx(fuzz_daemon: Daemon, body: Any) -> None:
-    assert_served(fuzz_daemon, "/api/chat", body)
-
-
-@FUZZ
-@given(body=one_fault(generate_bodies))
-def test_generate_never_5xx(fuzz_daemon: Daemon, body: Any) -> None:
-    assert_served(fuzz_daemon, "/api/generate", body)
-
-
-@FUZZ
-@given(body=one_fault(embed_bodies))
-def test_embed_never_5xx(fuzz_daemon: Daemon, body: Any) -> None:
-    assert_served(fuzz_daemon, "/api/embed", body)
-
-
-@FUZZ
-@given(body=one_fault(embeddings_bodies))
-def test_embeddings_never_5xx(fuzz_daemon: Daemon, body: Any) -> None:
-    assert_served(fuzz_daemon, "/api/embeddings", body)
-
-
-@FUZZ
-@given(body=one_fault(show_bodies))
-def test_show_never_5xx(fuzz_daemon: Daemon, body: Any) -> None:
-    assert_served(fuzz_daemon, "/api/show", body)
+@given(data=st.data())
+def test_never_5xx(
+    fuzz_daemon: Daemon, path: str, bodies: st.SearchStrategy[Any], data: st.DataObject
+) -> None:
+    assert_served(fuzz_daemon, path, data.draw(one_fault(bodies), label="body"))
 
 
 @FUZZ
