@@ -18,7 +18,7 @@ from aiohttp import web
 
 from rkllama_ollama.api import wire
 from rkllama_ollama.api.context import AppContext
-from rkllama_ollama.api.ollama import delete_model, parse_messages
+from rkllama_ollama.api.ollama import parse_messages
 from rkllama_ollama.api.pulling import pull_request_fields, respond_pull
 from rkllama_ollama.api.wire import BadRequest, field_of
 from rkllama_ollama.generation import (
@@ -29,6 +29,7 @@ from rkllama_ollama.generation import (
     Thinking,
     first_event,
 )
+from rkllama_ollama.model_admin import delete_model
 from rkllama_ollama.models.names import InvalidModelName, name_from_folder
 from rkllama_ollama.models.store import ModelEntry, ModelNotFound, StoreError
 from rkllama_ollama.runtime.base import RuntimeFailure
@@ -136,7 +137,7 @@ class NativeApi:
             raise BadRequest('"model" is required')
         entry = await self.resolve(name)
         try:
-            await delete_model(self.ctx, entry.name.display)
+            await delete_model(self.ctx.store, self.ctx.scheduler, entry.name.display)
         except ModelNotFound:
             return wire.error_response(404, f"model '{name}' not found")
         except StoreError as exc:

@@ -1,4 +1,6 @@
-"""Ollama's API (`/`, `/api/*`): wire format only; the work is done by the store and the Generator."""
+"""Ollama's API (`/`, `/api/*`): wire format only; the work is done by the store, the Generator and
+model_admin (delete, copy, create). `/api/create` bodies are parsed in api/create_request.py.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +11,6 @@ import math
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
 from typing import Any
 
 import orjson
@@ -17,6 +18,8 @@ from aiohttp import web
 
 from rkllama_ollama.api import wire
 from rkllama_ollama.api.context import AppContext
+from rkllama_ollama.api.create_request import parse_create
+from rkllama_ollama.api.ollama_fields import VALID_ROLES, digest_of, model_field
 from rkllama_ollama.api.pulling import pull_request_fields, respond_pull
 from rkllama_ollama.api.wire import BadRequest, field_of
 from rkllama_ollama.durations import parse_keep_alive
@@ -32,11 +35,11 @@ from rkllama_ollama.generation import (
     first_event,
     l2_normalised,
 )
-from rkllama_ollama.models.blobs import BlobError, parse_digest
-from rkllama_ollama.models.modelfile import Modelfile, ModelfileError, parse_modelfile
-from rkllama_ollama.models.names import InvalidModelName, ModelName, parse_name
-from rkllama_ollama.models.store import WEIGHT_SUFFIXES, ModelEntry, ModelNotFound, StoreError
-from rkllama_ollama.options import KNOWN_OPTIONS, OptionError, validate_options
+from rkllama_ollama.model_admin import BaseModelNotFound, BlobNotFound, copy_model, create_model, delete_model
+from rkllama_ollama.models.blobs import BlobError
+from rkllama_ollama.models.names import InvalidModelName, parse_name
+from rkllama_ollama.models.store import ModelEntry, ModelNotFound, StoreError
+from rkllama_ollama.options import OptionError, validate_options
 from rkllama_ollama.runtime.base import RuntimeFailure
 from rkllama_ollama.structured import Format, FormatError, check_format
 
@@ -45,7 +48,6 @@ log = logging.getLogger(__name__)
 UPLOAD_CHUNK_BYTES = 1 << 20
 
 THINK_LEVELS = ("low", "medium", "high", "max")
-VALID_ROLES = ("system", "user", "assistant", "tool")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -155,18 +157,6 @@ def parse_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
             cleaned["images"] = images
         messages.append(cleaned)
     return messages
-
-
-def model_field(body: dict[str, Any]) -> str:
-    """`model`, or the legacy `name` (empty strings count as absent)."""
-    for key in ("model", "name"):
-        value = body.get(key)
-        if value is None or value == "":
-            continue
-        if not isinstance(value, str):
-            raise BadRequest(f'"{key}" must be a string')
-        return value
-    return ""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -525,12 +515,6 @@ class OllamaApi:
 
     # -- model management -----------------------------------------------------------------------
 
-    async def _unload_before_replacing(self, name: ModelName) -> None:
-        """A model about to be replaced on disk must not keep serving its old weights."""
-        loaded = self.ctx.scheduler.loaded
-        if loaded is not None and loaded.key == name.key:
-            await self.ctx.scheduler.unload_if_loaded(name.key)
-
     async def copy(self, request: web.Request) -> web.Response:
         body = await wire.read_json_body(request)
         source = field_of(body, "source", str, "a string") or ""
@@ -541,9 +525,8 @@ class OllamaApi:
                 names[role] = parse_name(text)
             except InvalidModelName:
                 raise BadRequest(f'{role} "{text}" is invalid') from None
-        await self._unload_before_replacing(names["destination"])
         try:
-            await asyncio.to_thread(self.ctx.store.copy, names["source"], names["destination"])
+            await copy_model(self.ctx.store, self.ctx.scheduler, names["source"], names["destination"])
         except ModelNotFound:
             return wire.error_response(404, f'model "{source}" not found')
         except StoreError as exc:
@@ -557,7 +540,7 @@ class OllamaApi:
         if not label:
             raise BadRequest("model is required")
         try:
-            await delete_model(self.ctx, label)
+            await delete_model(self.ctx.store, self.ctx.scheduler, label)
         except ModelNotFound:
             return wire.error_response(404, f"model '{label}' not found")
         except StoreError as exc:
@@ -568,41 +551,26 @@ class OllamaApi:
         body = await wire.read_json_body(request)
         plan = parse_create(body)
         stream = field_of(body, "stream", bool, "a boolean")
-        statuses: list[dict[str, Any]] = []
-        base_entry: ModelEntry | None = None
-        blob_path: Path | None = None
-        weights_name: str | None = None
-        if plan.blob is not None:
-            hex_digest, weights_name = plan.blob
-            if not self.blobs.exists(hex_digest):
-                raise BadRequest(f'blob "sha256:{hex_digest}" not found')
-            blob_path = self.blobs.path_of(hex_digest)
-            if weights_name is None:
-                weights_name = "model" + await asyncio.to_thread(self.blobs.weights_suffix, hex_digest)
-            if weights_name.lower().endswith(".gguf"):
-                statuses.append({"status": "parsing GGUF"})
-            statuses.append({"status": f"using existing layer sha256:{hex_digest}"})
-        if plan.base is not None:
-            try:
-                base_entry = await self.resolve(plan.base)
-            except ModelNotFound:
-                return wire.error_response(404, f'model "{plan.base}" not found')
-            if blob_path is None:
-                statuses.append({"status": f"using existing layer sha256:{base_entry.digest}"})
-        await self._unload_before_replacing(plan.name)
         try:
-            entry = await asyncio.to_thread(
-                self.ctx.store.create_from_modelfile,
+            created = await create_model(
+                self.ctx.store,
+                self.ctx.scheduler,
+                self.blobs,
                 plan.name,
                 plan.modelfile,
-                base_entry,
-                weights_file=blob_path,
-                weights_name=weights_name,
+                base=plan.base,
+                blob=plan.blob,
             )
+        except BlobNotFound as exc:
+            raise BadRequest(str(exc)) from None
+        except BaseModelNotFound as exc:
+            return wire.error_response(404, str(exc))
         except StoreError as exc:
             raise BadRequest(str(exc)) from None
-        log.info("model created name=%s from=%s", entry.name.display, plan.base or weights_name)
-        statuses += [{"status": "writing manifest"}, {"status": "success"}]
+        log.info(
+            "model created name=%s from=%s", created.entry.name.display, plan.base or created.weights_name
+        )
+        statuses = [{"status": status} for status in created.statuses]
         if stream is False:
             return wire.json_response(statuses[-1], charset=False)
         out = wire.ndjson_stream(request)
@@ -744,16 +712,8 @@ class _Collected:
 
 
 # ------------------------------------------------------------------------------------------------
-# Embeddings and model management: request parsing and shared operations
+# Embeddings: request parsing
 # ------------------------------------------------------------------------------------------------
-
-
-def digest_of(text: str) -> str:
-    """A blob digest from the request (`sha256:<hex>` / `sha256-<hex>`); 400 when malformed."""
-    try:
-        return parse_digest(text)
-    except BlobError as exc:
-        raise BadRequest(str(exc)) from None
 
 
 def embed_inputs(value: Any) -> list[str]:
@@ -765,125 +725,3 @@ def embed_inputs(value: Any) -> list[str]:
     if isinstance(value, list) and all(isinstance(item, str) for item in value):
         return list(value)
     raise BadRequest("invalid input type")
-
-
-async def delete_model(ctx: AppContext, name: str) -> ModelEntry:
-    """Delete a model, unloading it first (after any request running on the session has finished).
-
-    Shared by `DELETE /api/delete` and the seed's `DELETE /rm`. Raises ModelNotFound.
-    """
-    entry = await asyncio.to_thread(ctx.store.resolve, name)
-    await ctx.scheduler.unload_if_loaded(entry.name.key)
-    await asyncio.to_thread(ctx.store.delete, entry.name)
-    return entry
-
-
-@dataclass
-class CreatePlan:
-    """A validated `/api/create` request."""
-
-    name: ModelName
-    modelfile: Modelfile  # fields that override the base model's (FROM left empty)
-    base: str | None = None  # an existing model to derive from
-    blob: tuple[str, str | None] | None = None  # (sha256 hex, weights file name or None = detect)
-
-
-def _create_blob_from_files(files: dict[str, Any]) -> tuple[str, str | None]:
-    weights: list[tuple[str, str]] = []
-    for file_name, digest in files.items():
-        path = PurePosixPath(file_name.replace("\\", "/"))
-        if not file_name or path.is_absolute() or ".." in path.parts:
-            raise BadRequest("file path must be relative")
-        if not isinstance(digest, str):
-            raise BadRequest("invalid digest format")
-        hex_digest = digest_of(digest)
-        if not path.name.lower().endswith(WEIGHT_SUFFIXES):
-            raise BadRequest(
-                f"unsupported file {file_name!r}: only *.gguf and *.rkllm weights can be imported"
-            )
-        weights.append((hex_digest, path.name))
-    if len(weights) != 1:
-        raise BadRequest("exactly one weights file (*.gguf or *.rkllm) must be given in 'files'")
-    return weights[0]
-
-
-def _create_parameters(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
-    """Known options typed and checked; unknown keys kept as text (Ollama passes them through)."""
-    known = {key: value for key, value in raw.items() if key in KNOWN_OPTIONS}
-    extra = {
-        str(key): value if isinstance(value, str) else orjson.dumps(value).decode()
-        for key, value in raw.items()
-        if key not in KNOWN_OPTIONS and value is not None
-    }
-    try:
-        return validate_options(known), extra
-    except OptionError as exc:
-        raise BadRequest(str(exc)) from None
-
-
-def _create_messages(raw: list[Any]) -> list[dict[str, str]]:
-    messages = []
-    for index, message in enumerate(raw):
-        if not isinstance(message, dict):
-            raise BadRequest(f"messages[{index}] must be an object")
-        role = message.get("role")
-        content = message.get("content") or ""
-        if not isinstance(role, str) or role.lower() not in VALID_ROLES:
-            raise BadRequest(f'messages[{index}].role must be one of "system", "user", "assistant", "tool"')
-        if not isinstance(content, str):
-            raise BadRequest(f"messages[{index}].content must be a string")
-        messages.append({"role": role.lower(), "content": content})
-    return messages
-
-
-def parse_create(body: dict[str, Any]) -> CreatePlan:
-    """Validate an `/api/create` body (current JSON fields, or the legacy `modelfile` text)."""
-    label = model_field(body)
-    if not label:
-        raise BadRequest("model is required")
-    name = parse_name(label)
-    if body.get("quantize") or body.get("quantization"):
-        raise BadRequest("quantization is not supported")
-    if body.get("adapters"):
-        raise BadRequest("adapters are not supported")
-    text = field_of(body, "modelfile", str, "a string")
-    try:
-        modelfile = parse_modelfile(text) if text else Modelfile()
-    except ModelfileError as exc:
-        raise BadRequest(str(exc)) from None
-    legacy_from, modelfile.from_ = modelfile.from_, ""
-    if modelfile.adapters:
-        raise BadRequest("adapters are not supported")
-    for key in ("system", "template"):
-        value = field_of(body, key, str, "a string")
-        if value is not None:
-            setattr(modelfile, key, value)
-    license_text = body.get("license")
-    if isinstance(license_text, list) and all(isinstance(item, str) for item in license_text):
-        license_text = "\n".join(license_text)
-    if license_text is not None and not isinstance(license_text, str):
-        raise BadRequest('"license" must be a string or an array of strings')
-    if license_text:
-        modelfile.license = license_text
-    parameters = field_of(body, "parameters", dict, "an object")
-    if parameters:
-        known, extra = _create_parameters(parameters)
-        modelfile.parameters.update(known)
-        modelfile.extra.update(extra)
-    messages = field_of(body, "messages", list, "an array of messages")
-    if messages:
-        modelfile.messages = _create_messages(messages)
-    base = field_of(body, "from", str, "a string") or None
-    files = field_of(body, "files", dict, "an object mapping file names to digests")
-    plan = CreatePlan(name=name, modelfile=modelfile, base=base)
-    if files:
-        plan.blob = _create_blob_from_files(files)
-    elif base is None and legacy_from:
-        digest = legacy_from.lstrip("@")
-        if digest.startswith("sha256"):
-            plan.blob = (digest_of(digest), None)
-        else:
-            plan.base = legacy_from
-    if plan.blob is None and plan.base is None:
-        raise BadRequest("neither 'from' or 'files' was specified")
-    return plan
