@@ -72,6 +72,30 @@ def test_lazy_the_model_thinks_unconstrained_then_answers_in_json(
     assert_object_answer(text.split(close, 1)[1], done_reason)
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_lazy_a_close_tag_that_is_one_token_triggers_on_that_token(
+    session: LlamaCppSession, seed: int
+) -> None:
+    free, _ = tokens_of(session, SamplingOptions(num_predict=40, seed=seed, top_logprobs=0, **FREE))
+    llm = session._llm
+
+    def single_token_first_seen(i: int) -> bool:
+        token = free[i]
+        if not (token.isascii() and token.strip()) or token in b"".join(free[:i]):
+            return False
+        return len(llm.tokenize(token, add_bos=False, special=True)) == 1
+
+    cut = next(i for i in range(6, 30) if single_token_first_seen(i))
+    close = free[cut].decode()
+    options = SamplingOptions(
+        num_predict=200, seed=seed, top_logprobs=0, json_schema=OBJECT, think_close=close, **FREE
+    )
+    constrained, done_reason = tokens_of(session, options)
+    assert constrained[: cut + 1] == free[: cut + 1]
+    text = b"".join(constrained).decode("utf-8", errors="replace")
+    assert_object_answer(text.split(close, 1)[1], done_reason)
+
+
 @pytest.mark.parametrize("seed", range(1, 7))
 def test_optional_block_a_direct_answer_is_still_json(session: LlamaCppSession, seed: int) -> None:
     options = SamplingOptions(

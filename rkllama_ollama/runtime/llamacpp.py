@@ -433,9 +433,16 @@ class LlamaCppSession:
             if answer.trigger_pattern is None:
                 grammar = llama_cpp.llama_sampler_init_grammar(self._vocab, text, root)
             else:
+                # Triggered by the close tag's own token where it is one (thinking models have it as a
+                # single token): the grammar then starts exactly at the tag. The pattern catches a tag
+                # spelled out in several tokens.
                 patterns = (ctypes.c_char_p * 1)(answer.trigger_pattern.encode("utf-8"))
+                tag_tokens = self._llm.tokenize(
+                    options.think_close.encode("utf-8"), add_bos=False, special=True
+                )
+                trigger = (llama_cpp.llama_token * 1)(*tag_tokens) if len(tag_tokens) == 1 else None
                 grammar = llama_cpp.llama_sampler_init_grammar_lazy_patterns(
-                    self._vocab, text, root, patterns, 1, None, 0
+                    self._vocab, text, root, patterns, 1, trigger, 1 if trigger is not None else 0
                 )
         if not grammar:
             raise RuntimeFailure("the grammar could not be parsed (GBNF with a 'root' rule expected)")
