@@ -48,7 +48,8 @@ async def respond_pull(request: web.Request, store: Store, name: str, stream: bo
                     last = event
             except PullError as exc:
                 return wire.error_response(exc.status, str(exc))
-            return wire.json_response(last.to_json())
+            # Like Ollama (and /api/create): a collapsed progress stream is `application/json`, no charset.
+            return wire.json_response(last.to_json(), charset=False)
         out = wire.ndjson_stream(request)
         try:
             await out.send(first.to_json())
