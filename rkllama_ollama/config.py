@@ -122,7 +122,11 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> Settings:
         num_threads=_int(env, "RKLLAMA_NUM_THREADS", base.num_threads),
         cpus=cpus,
         max_body_bytes=_int(env, "RKLLAMA_MAX_BODY_MB", base.max_body_bytes // 2**20) * 2**20,
-        default_num_ctx=_int(env, "RKLLAMA_CONTEXT_LENGTH", base.default_num_ctx),
+        default_num_ctx=_int(
+            env,
+            "RKLLAMA_CONTEXT_LENGTH" if env.get("RKLLAMA_CONTEXT_LENGTH") else "OLLAMA_CONTEXT_LENGTH",
+            base.default_num_ctx,
+        ),
         offer_embedded=_bool(env, "RKLLAMA_EMBEDDED_MODEL", base.offer_embedded),
         ollama_version=env.get("RKLLAMA_OLLAMA_VERSION") or base.ollama_version,
         rkllm_lib=env.get("RKLLAMA_RKLLM_LIB") or None,

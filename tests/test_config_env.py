@@ -1,0 +1,31 @@
+"""Environment variables with an Ollama twin: ours wins, Ollama's is honoured when ours is unset."""
+
+from __future__ import annotations
+
+import pytest
+
+from rkllama_ollama.config import ConfigError, settings_from_env
+
+
+@pytest.mark.parametrize(
+    ("env", "num_ctx"),
+    [
+        ({}, 4096),
+        ({"OLLAMA_CONTEXT_LENGTH": "8192"}, 8192),
+        ({"RKLLAMA_CONTEXT_LENGTH": "2048", "OLLAMA_CONTEXT_LENGTH": "8192"}, 2048),
+        ({"RKLLAMA_CONTEXT_LENGTH": "", "OLLAMA_CONTEXT_LENGTH": "1024"}, 1024),
+    ],
+)
+def test_context_length(env: dict[str, str], num_ctx: int) -> None:
+    assert settings_from_env(env).default_num_ctx == num_ctx
+
+
+def test_a_bad_context_length_names_the_variable_it_came_from() -> None:
+    with pytest.raises(ConfigError, match="OLLAMA_CONTEXT_LENGTH must be an integer, got 'big'"):
+        settings_from_env({"OLLAMA_CONTEXT_LENGTH": "big"})
+
+
+def test_keep_alive_and_host_twins() -> None:
+    assert settings_from_env({"OLLAMA_KEEP_ALIVE": "1m"}).keep_alive_s == 60
+    assert settings_from_env({"RKLLAMA_KEEP_ALIVE": "2m", "OLLAMA_KEEP_ALIVE": "1m"}).keep_alive_s == 120
+    assert settings_from_env({"OLLAMA_HOST": "0.0.0.0:9999"}).port == 9999
