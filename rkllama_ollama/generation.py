@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -66,6 +66,7 @@ class GenerationRequest:
     interactive: bool = True  # streaming requests go ahead of queued non-streaming ones
     format: Format | None = None  # structured output: "json" or a JSON schema (already checked)
     top_logprobs: int = -1  # -1: no log-probabilities; n >= 0: with each token's n likeliest alternatives
+    truncate: bool = True  # chat: drop the oldest messages when the conversation outgrows the context
 
 
 # `logprobs`, when the request asked for them: the entries of the tokens generated since the previous
@@ -322,7 +323,16 @@ class Generator:
             messages = self._chat_messages(request)
             if guide:
                 messages = guided_messages(messages, request.format)
-            prompt = template.render(messages, tools=tools, think=think)
+
+            def render(kept: list[dict[str, Any]]) -> str:
+                return self._without_double_bos(template.render(kept, tools=tools, think=think), loaded)
+
+            if request.truncate:
+                prompt = await fit_messages(
+                    messages, render, loaded.runner.tokenize, loaded.info.context_length
+                )
+            else:
+                prompt = render(messages)
         elif request.raw:
             prompt = request.prompt or ""
         else:
@@ -430,6 +440,45 @@ class Generator:
             self.scheduler.touch(request.keep_alive_s)
             reason = "stop" if stopped or stats.done_reason in ("stop", "abort") else stats.done_reason
             yield Done(reason, stats, load_ns + stats.reload_ns, time.perf_counter_ns() - started)
+
+
+async def fit_messages(
+    messages: list[dict[str, Any]],
+    render: Callable[[list[dict[str, Any]]], str],
+    tokenize: Callable[[str], Awaitable[list[int]]],
+    limit: int,
+) -> str:
+    """The chat prompt, made to fit `limit` tokens the way Ollama does: the oldest messages are dropped
+    first; system messages always stay, and so does the last message (if it alone does not fit, the
+    engine refuses the prompt). A kept conversation starts at a user message where one can, since many
+    templates insist that roles alternate from a user turn. Tokenized only when it may not fit."""
+    prompt = render(messages)
+    if len(prompt.encode("utf-8")) + 1 <= limit or len(await tokenize(prompt)) <= limit:
+        return prompt  # a token is at least one byte (plus a BOS the engine may add)
+    droppable = [i for i, m in enumerate(messages) if m.get("role") != "system"]
+
+    def keeping(count: int) -> list[dict[str, Any]]:
+        dropped = set(droppable[: len(droppable) - count])
+        return [m for i, m in enumerate(messages) if i not in dropped]
+
+    counts = list(range(1, len(droppable)))  # how many of the droppable messages to keep
+    at_user = [n for n in counts if messages[droppable[-n]].get("role") == "user"]
+    counts = at_user or counts
+    best = counts[0] if counts else len(droppable)
+    low, high = 0, len(counts) - 1
+    while low <= high:  # the prompt only shrinks as fewer messages are kept
+        middle = (low + high) // 2
+        if len(await tokenize(render(keeping(counts[middle])))) <= limit:
+            best, low = counts[middle], middle + 1
+        else:
+            high = middle - 1
+    log.info(
+        "conversation truncated to the context of %d tokens: kept the last %d of %d messages",
+        limit,
+        best,
+        len(droppable),
+    )
+    return render(keeping(best))
 
 
 class _HeldAnswer:

@@ -100,6 +100,7 @@ class GenerationFields:
     format: Format | None
     options: dict[str, Any]
     top_logprobs: int  # -1: no logprobs; n >= 0: logprobs with n alternatives per token
+    truncate: bool  # chat: drop the oldest messages to fit the context (Ollama's default: true)
 
 
 def parse_generation_fields(body: dict[str, Any]) -> GenerationFields:
@@ -113,6 +114,7 @@ def parse_generation_fields(body: dict[str, Any]) -> GenerationFields:
         format=parse_format(body),
         options=parse_options(body),
         top_logprobs=(top_logprobs or 0) if field_of(body, "logprobs", bool, "a boolean") else -1,
+        truncate=field_of(body, "truncate", bool, "a boolean") is not False,
     )
 
 
@@ -429,6 +431,7 @@ class OllamaApi:
             interactive=common.stream,
             format=common.format,
             top_logprobs=common.top_logprobs,
+            truncate=common.truncate,
         )
 
         def chunk(event: Event) -> dict[str, Any]:
