@@ -22,6 +22,7 @@ from rkllama_ollama.chat.parse import OutputPipeline, ToolCall
 from rkllama_ollama.chat.template import ChatTemplate, TemplateError
 from rkllama_ollama.models.store import ModelEntry
 from rkllama_ollama.options import layer_options, sampling_from
+from rkllama_ollama.prefix_keeper import PrefixKeeper
 from rkllama_ollama.runtime.base import (
     ContextOverflow,
     GenerationStats,
@@ -193,6 +194,7 @@ class Generator:
         self.num_threads = num_threads
         self.cpus = cpus
         self.observer: GenerationObserver = observer or NullObserver()
+        self.prefix_keeper = PrefixKeeper(scheduler)
 
     # -- loading --------------------------------------------------------------------------------
 
@@ -404,12 +406,14 @@ class Generator:
             stats: GenerationStats | None = None
             stopped = False
             last_piece_ns = 0
+            produced: list[str] = []  # the raw text generated, for the prefix keeper
             generation = loaded.runner.generate(prompt, sampling)
             try:
                 async for item in generation:
                     if isinstance(item, Piece):
                         if stopped:
                             continue  # tokens produced between our abort and the runner seeing it
+                        produced.append(item.text)
                         now_ns = time.perf_counter_ns()
                         if last_piece_ns:
                             self.observer.next_piece(model, now_ns - last_piece_ns)
@@ -438,6 +442,10 @@ class Generator:
                 raise RuntimeFailure("generation ended without statistics")
             self.observer.generation_finished(model, stats)
             self.scheduler.touch(request.keep_alive_s)
+            if request.interactive:
+                self.prefix_keeper.streamed(loaded.key, model, loaded.spec, prompt + "".join(produced))
+            else:
+                self.prefix_keeper.background_ended()
             reason = "stop" if stopped or stats.done_reason in ("stop", "abort") else stats.done_reason
             yield Done(reason, stats, load_ns + stats.reload_ns, time.perf_counter_ns() - started)
 

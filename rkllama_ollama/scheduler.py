@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -77,6 +77,7 @@ class Scheduler:
         self._loaded: LoadedModel | None = None
         self._expiry: asyncio.TimerHandle | None = None
         self._closed = False
+        self._preempt: Callable[[], None] | None = None  # set while background work holds the session
 
     # -- queue ------------------------------------------------------------------------------
 
@@ -92,6 +93,22 @@ class Scheduler:
         finally:
             self._release()
 
+    @asynccontextmanager
+    async def idle_turn(self, preempt: Callable[[], None]) -> AsyncIterator[bool]:
+        """A turn for background work: granted only when nobody wants the session (yields whether it
+        was), and `preempt` is called the moment a request arrives, so that the work stops at once."""
+        if self._closed or self._busy or self._waiters:
+            yield False
+            return
+        self._busy = True
+        self._cancel_expiry()
+        self._preempt = preempt
+        try:
+            yield True
+        finally:
+            self._preempt = None
+            self._release()
+
     async def _acquire(self, interactive: bool) -> None:
         if self._closed:
             raise QueueFull("server is shutting down")
@@ -105,6 +122,9 @@ class Scheduler:
             next(self._seq), interactive, time.monotonic(), asyncio.get_running_loop().create_future()
         )
         self._waiters.append(ticket)
+        if self._preempt is not None:
+            preempt, self._preempt = self._preempt, None
+            preempt()
         try:
             await ticket.future
         except BaseException:

@@ -120,3 +120,31 @@ async def test_close_refuses_waiters() -> None:
         await waiting
     gate.set()
     await first
+
+
+async def test_an_idle_turn_is_granted_only_when_nobody_wants_the_session_and_yields_to_arrivals() -> None:
+    scheduler = make()
+    preempted: list[str] = []
+    gate = asyncio.Event()
+    order: list[str] = []
+    busy = asyncio.create_task(hold(scheduler, "busy", order, interactive=False, release=gate))
+    await settle()
+    async with scheduler.idle_turn(lambda: preempted.append("early")) as granted:
+        assert not granted  # someone holds the session
+    gate.set()
+    await busy
+    work_may_end = asyncio.Event()
+
+    async def background() -> None:
+        async with scheduler.idle_turn(lambda: (preempted.append("by chat"), work_may_end.set())) as granted:
+            assert granted
+            order.append("background")
+            await work_may_end.wait()  # stands for work that stops when preempted
+
+    worker = asyncio.create_task(background())
+    await settle()
+    chat = asyncio.create_task(hold(scheduler, "chat", order, interactive=True, release=gate))
+    await asyncio.gather(worker, chat)
+    assert preempted == ["by chat"]  # told once, at the chat's arrival, never while not granted
+    assert order == ["busy", "background", "chat"]
+    assert scheduler.queue_depth == 0
