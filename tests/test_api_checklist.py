@@ -309,25 +309,17 @@ def test_item_21_a_collapsed_pull_stream_keeps_the_error_and_its_status(pull_dae
 
 
 @pytest.mark.parametrize("raw", [b"null", b"{}"])
-def test_item_22_chat_without_a_model_is_400_model_is_required(live: Daemon, raw: bytes) -> None:
-    """§6 #22: exact body."""
-    reply = live.request("POST", "/api/chat", raw=raw)
-    assert (reply.status, reply.content_type, reply.json()) == (
-        400,
-        JSON_UTF8,
-        {"error": "model is required"},
-    )
-
-
-@pytest.mark.parametrize("raw", [b"null", b"{}"])
-def test_item_23_generate_without_a_model_is_404_model_not_found(live: Daemon, raw: bytes) -> None:
-    """§6 #23: Ollama's quirk, exact body."""
-    reply = live.request("POST", "/api/generate", raw=raw)
-    assert (reply.status, reply.content_type, reply.json()) == (
-        404,
-        JSON_UTF8,
-        {"error": "model '' not found"},
-    )
+@pytest.mark.parametrize(
+    ("path", "status", "error"),
+    [("/api/chat", 400, "model is required"), ("/api/generate", 404, "model '' not found")],
+    ids=["item_22_chat", "item_23_generate"],
+)
+def test_items_22_23_a_body_without_a_model(
+    live: Daemon, raw: bytes, path: str, status: int, error: str
+) -> None:
+    """§6 #22: chat is 400 `model is required`; #23: generate is Ollama's quirky 404 — exact bodies."""
+    reply = live.request("POST", path, raw=raw)
+    assert (reply.status, reply.content_type, reply.json()) == (status, JSON_UTF8, {"error": error})
 
 
 @pytest.mark.parametrize("path", ["/api/chat", "/api/generate"])
