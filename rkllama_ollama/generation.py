@@ -68,6 +68,7 @@ class GenerationRequest:
     format: Format | None = None  # structured output: "json" or a JSON schema (already checked)
     top_logprobs: int = -1  # -1: no log-probabilities; n >= 0: with each token's n likeliest alternatives
     truncate: bool = True  # chat: drop the oldest messages when the conversation outgrows the context
+    shift: bool = True  # a reply that fills the context shifts it and goes on (llama.cpp)
 
 
 # `logprobs`, when the request asked for them: the entries of the tokens generated since the previous
@@ -392,6 +393,8 @@ class Generator:
             held: _HeldAnswer | None = None
             if request.top_logprobs >= 0:
                 sampling = replace(sampling, top_logprobs=request.top_logprobs)
+            if not request.shift:
+                sampling = replace(sampling, shift=False)
             if request.format is not None and self._constrains(entry):
                 # Like Ollama: a thinking model thinks freely, the format holds for the answer after it.
                 think_open, think_close = pipeline.thinking_tags or ("", "")

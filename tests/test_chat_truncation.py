@@ -125,3 +125,23 @@ def test_a_live_chat_longer_than_num_ctx_is_answered_and_truncate_false_refuses_
         assert "more than the context length of 256 tokens" in refused.error
         wrong = daemon.request("POST", "/api/chat", {"model": "tiny", "messages": history, "truncate": "no"})
         assert wrong.status == 400 and wrong.error == '"truncate" must be a boolean'
+
+
+def test_a_reply_longer_than_the_context_goes_on_unless_shift_is_false(tmp_path: Path) -> None:
+    """Ollama's `shift` (default true): a reply that fills the context drops older tokens and goes on."""
+    store = tmp_path / "models"
+    make_gguf_model(store, "tiny")
+    body: dict[str, Any] = {
+        "model": "tiny",
+        "prompt": "hello world " * 12,
+        "stream": False,
+        "options": {"num_ctx": 128, "num_predict": 150, "temperature": 0},
+    }
+    with Daemon(store).start() as daemon:
+        shifted = daemon.request("POST", "/api/generate", body).json()
+        assert (shifted["done_reason"], shifted["eval_count"]) == ("length", 150)
+        assert "context full at 128 tokens" in daemon.log()
+        stopped = daemon.request("POST", "/api/generate", {**body, "shift": False}).json()
+        assert stopped["done_reason"] == "length" and stopped["eval_count"] < 128
+        wrong = daemon.request("POST", "/api/generate", {**body, "shift": "no"})
+        assert wrong.status == 400 and wrong.error == '"shift" must be a boolean'

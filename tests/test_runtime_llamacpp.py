@@ -6,6 +6,7 @@ import importlib.metadata
 import math
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -246,14 +247,21 @@ def test_num_predict_is_respected(session: LlamaCppSession) -> None:
         assert (stats.eval_count, stats.done_reason) == (limit, "length")
 
 
-def test_unlimited_generation_stops_at_a_full_context(small_session: LlamaCppSession) -> None:
-    for num_predict in (-1, -2):
-        _, _, stats = run(
-            small_session, CHAT_PROMPT, SamplingOptions(temperature=0.0, num_predict=num_predict)
-        )
+def test_fill_context_and_unshifted_unlimited_generation_stop_at_a_full_context(
+    small_session: LlamaCppSession,
+) -> None:
+    for options in (SamplingOptions(num_predict=-2), SamplingOptions(num_predict=-1, shift=False)):
+        _, _, stats = run(small_session, CHAT_PROMPT, replace(options, temperature=0.0))
         assert stats.done_reason == "length"
         # the last sampled token is returned but never needs a KV slot
         assert stats.prompt_tokens + stats.eval_count == small_session.info.context_length + 1
+
+
+def test_unlimited_generation_shifts_and_stops_after_a_context_worth_of_tokens(
+    small_session: LlamaCppSession,
+) -> None:
+    _, _, stats = run(small_session, CHAT_PROMPT, SamplingOptions(temperature=0.0, num_predict=-1))
+    assert (stats.done_reason, stats.eval_count) == ("length", small_session.info.context_length)
 
 
 def test_prompt_longer_than_the_context_is_refused(small_session: LlamaCppSession) -> None:
@@ -480,3 +488,20 @@ def test_greedy_picks_the_likeliest_token_and_no_alternatives_when_none_are_aske
     for entry in (e for logprobs in tops for e in logprobs):
         assert entry["token"] == entry["top_logprobs"][0]["token"]  # type: ignore[index]
         assert entry["logprob"] == pytest.approx(entry["top_logprobs"][0]["logprob"])  # type: ignore[index]
+
+
+def test_a_reply_that_fills_the_context_shifts_it_and_goes_on(small_session: LlamaCppSession) -> None:
+    prompt = chat_prompt("hello world " * 12)  # ~40 of the 96 tokens
+    before = run(small_session, prompt, SamplingOptions(temperature=0.0, num_predict=8))[0]
+    text, _, stats = run(small_session, prompt, SamplingOptions(temperature=0.0, num_predict=200))
+    assert (stats.done_reason, stats.eval_count) == ("length", 200)  # num_predict, not the context
+    assert text == small_session.detokenize(stats.context[stats.prompt_tokens :])
+    # The shifted cache is kept in step with its tokens: the same request gives the same answer again.
+    assert run(small_session, prompt, SamplingOptions(temperature=0.0, num_predict=8))[0] == before
+
+
+def test_without_shift_a_full_context_ends_the_reply(small_session: LlamaCppSession) -> None:
+    prompt = chat_prompt("hello world " * 12)
+    _, _, stats = run(small_session, prompt, SamplingOptions(temperature=0.0, num_predict=200, shift=False))
+    assert stats.done_reason == "length"
+    assert stats.prompt_tokens + stats.eval_count == small_session.info.context_length + 1

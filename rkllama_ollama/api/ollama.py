@@ -101,6 +101,7 @@ class GenerationFields:
     options: dict[str, Any]
     top_logprobs: int  # -1: no logprobs; n >= 0: logprobs with n alternatives per token
     truncate: bool  # chat: drop the oldest messages to fit the context (Ollama's default: true)
+    shift: bool  # a reply that fills the context shifts it and goes on (Ollama's default: true)
 
 
 def parse_generation_fields(body: dict[str, Any]) -> GenerationFields:
@@ -115,6 +116,7 @@ def parse_generation_fields(body: dict[str, Any]) -> GenerationFields:
         options=parse_options(body),
         top_logprobs=(top_logprobs or 0) if field_of(body, "logprobs", bool, "a boolean") else -1,
         truncate=field_of(body, "truncate", bool, "a boolean") is not False,
+        shift=field_of(body, "shift", bool, "a boolean") is not False,
     )
 
 
@@ -375,6 +377,7 @@ class OllamaApi:
             interactive=common.stream,
             format=common.format,
             top_logprobs=common.top_logprobs,
+            shift=common.shift,
         )
 
         def chunk(event: Event) -> dict[str, Any]:
@@ -432,6 +435,7 @@ class OllamaApi:
             format=common.format,
             top_logprobs=common.top_logprobs,
             truncate=common.truncate,
+            shift=common.shift,
         )
 
         def chunk(event: Event) -> dict[str, Any]:

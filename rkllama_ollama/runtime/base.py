@@ -96,6 +96,10 @@ class SamplingOptions:
     # Structured output: a JSON schema as JSON text; engines that can constrain decoding (llama.cpp)
     # turn it into a grammar inside the runner. Ignored when `grammar` is set.
     json_schema: str | None = None
+    # A reply that fills the context: `shift` drops the older half of what follows the first `num_keep`
+    # tokens and goes on (Ollama's context shift); without it the reply ends there ("length").
+    shift: bool = True
+    num_keep: int = 4
     # A thinking model: `grammar`/`json_schema` constrain only the answer after its thinking block, which
     # ends with `think_close`; `think_open` empty = the prompt already opened the block, else the model
     # may open one itself with that tag (runtime/grammar.py).

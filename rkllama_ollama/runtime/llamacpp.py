@@ -288,6 +288,7 @@ class LlamaCppSession:
         top_logprobs = options.top_logprobs
         logprobs: list[TokenLogprob] = []  # entries of tokens not yet handed over with a piece
         limit = options.num_predict if options.num_predict >= 0 else self._n_ctx
+        shift = options.shift and options.num_predict != -2  # -2 means "fill the context", then stop
         done_reason = "length"
         if llm.n_tokens < len(tokens):
             done_reason = "abort"
@@ -309,7 +310,9 @@ class LlamaCppSession:
                     logprobs = []
             elif piece:
                 emit(piece)
-            if len(generated) >= limit or llm.n_tokens >= self._n_ctx:
+            if len(generated) >= limit:
+                break
+            if llm.n_tokens >= self._n_ctx and not (shift and self._shift_context(llm, options.num_keep)):
                 break
             llm.eval([token])
         tail = decoder.flush()
@@ -357,6 +360,22 @@ class LlamaCppSession:
     def _token_entry(self, token: int, logprob: float) -> TokenLogprob:
         raw = self._token_bytes(token)
         return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
+    def _shift_context(self, llm: Any, num_keep: int) -> bool:
+        """Make room in a full context the way Ollama does: keep the first `num_keep` tokens, drop the
+        older half of the rest, move the newer half down. False when the model cannot shift."""
+        llama_cpp = self._llama_cpp
+        if not llama_cpp.llama_memory_can_shift(llama_cpp.llama_get_memory(llm.ctx)):
+            return False
+        filled = llm.n_tokens
+        keep = max(0, min(num_keep, filled - 2))
+        discard = (filled - keep) // 2
+        llm._ctx.kv_cache_seq_rm(0, keep, keep + discard)
+        llm._ctx.kv_cache_seq_shift(0, keep + discard, filled, -discard)
+        llm.input_ids[keep : filled - discard] = llm.input_ids[keep + discard : filled]
+        llm.n_tokens = filled - discard
+        logger.info("context full at %d tokens: kept %d, dropped the %d after them", filled, keep, discard)
+        return True
 
     def _reuse_prefix(self, llm: Any, tokens: list[int]) -> int:
         """Keep the cached prefix shared with `tokens` (at least one token is re-fed for logits)."""
