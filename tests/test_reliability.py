@@ -29,6 +29,38 @@ def own_daemon(tmp_path: Path) -> Iterator[Daemon]:
         yield server
 
 
+GO_ON = [{"role": "user", "content": "go on"}]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "until"),
+    [
+        ("/api/generate", {"model": "tiny", "prompt": "go on", "options": LONG}, b'"done":false'),
+        (
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": GO_ON, "stream": True, "max_tokens": 20000, "seed": 3},
+            b'"content"',
+        ),
+        (
+            "/v1/completions",
+            {"model": "tiny", "prompt": "go", "stream": True, "max_tokens": 20000},
+            b'"text"',
+        ),
+        ("/generate", {"model": "tiny", "messages": GO_ON, "stream": True}, b'"token"'),
+    ],
+    ids=["ollama-generate", "openai-chat", "openai-completions", "native-generate"],
+)
+def test_a_client_that_leaves_any_face_mid_stream_frees_the_session(
+    own_daemon: Daemon, path: str, body: dict[str, object], until: bytes
+) -> None:
+    sock, _ = own_daemon.open_stream(path, body, until)
+    sock.close()
+    reply = ollama.Client(host=own_daemon.url).generate("tiny", prompt="next", options={"num_predict": 3})
+    assert reply.done and reply.eval_count == 3
+    ended = own_daemon.ended_generations()
+    assert ended[0][0] == "abort" and ended[-1] == ("length", 3)
+
+
 def test_a_client_that_disconnects_frees_the_session(own_daemon: Daemon) -> None:
     body = {"model": "tiny", "messages": [{"role": "user", "content": "go on"}], "options": LONG}
     sock, _ = own_daemon.open_stream("/api/chat", body)

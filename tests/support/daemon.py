@@ -132,8 +132,10 @@ class Daemon:
     ) -> Reply:
         return http_request(self.url + path, method, body, raw, headers)
 
-    def open_stream(self, path: str, body: dict[str, Any]) -> tuple[socket.socket, bytes]:
-        """Send a streaming request by hand and read until the first NDJSON chunk has arrived."""
+    def open_stream(
+        self, path: str, body: dict[str, Any], until: bytes = b'"done":false'
+    ) -> tuple[socket.socket, bytes]:
+        """Send a streaming request by hand and read until `until` (by default the first NDJSON chunk)."""
         sock = socket.create_connection(("127.0.0.1", self.port), timeout=60)
         payload = json.dumps(body).encode()
         sock.sendall(
@@ -142,7 +144,7 @@ class Daemon:
             + payload
         )
         received = b""
-        while b'"done":false' not in received:
+        while until not in received:
             chunk = sock.recv(65536)
             assert chunk, "connection closed before the first token"
             received += chunk
