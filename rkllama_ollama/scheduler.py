@@ -109,6 +109,11 @@ class Scheduler:
             self._preempt = None
             self._release()
 
+    def _preempt_background(self) -> None:
+        if self._preempt is not None:
+            preempt, self._preempt = self._preempt, None
+            preempt()
+
     async def _acquire(self, interactive: bool) -> None:
         if self._closed:
             raise QueueFull("server is shutting down")
@@ -122,9 +127,7 @@ class Scheduler:
             next(self._seq), interactive, time.monotonic(), asyncio.get_running_loop().create_future()
         )
         self._waiters.append(ticket)
-        if self._preempt is not None:
-            preempt, self._preempt = self._preempt, None
-            preempt()
+        self._preempt_background()
         try:
             await ticket.future
         except BaseException:
@@ -262,6 +265,7 @@ class Scheduler:
         loaded.keep_alive_s = 0
         loaded.expires_at = time.time()
         if self._busy:
+            self._preempt_background()  # background work must not hold an unload back
             return
         async with self.turn(interactive=True):
             if self._loaded is loaded:

@@ -148,3 +148,17 @@ async def test_an_idle_turn_is_granted_only_when_nobody_wants_the_session_and_yi
     assert preempted == ["by chat"]  # told once, at the chat's arrival, never while not granted
     assert order == ["busy", "background", "chat"]
     assert scheduler.queue_depth == 0
+
+
+async def test_an_unload_preempts_background_work_holding_the_session() -> None:
+    from types import SimpleNamespace
+
+    scheduler = make()
+    runner = SimpleNamespace(alive=False)  # the release that follows sees a runner already gone
+    scheduler._loaded = SimpleNamespace(key="m", keep_alive_s=300.0, expires_at=0.0, runner=runner)  # type: ignore[assignment]
+    preempted: list[str] = []
+    async with scheduler.idle_turn(lambda: preempted.append("unload")) as granted:
+        assert granted
+        await scheduler.unload(SimpleNamespace(name=SimpleNamespace(key="m")))  # type: ignore[arg-type]
+        assert preempted == ["unload"]  # told at once; the unload itself happens when the turn ends
+    scheduler._loaded = None
