@@ -25,7 +25,8 @@ LONG = {"num_predict": 20000, "num_ctx": 32768, "seed": 3, "temperature": 1.0}
 def own_daemon(tmp_path: Path) -> Iterator[Daemon]:
     store = tmp_path / "models"
     make_gguf_model(store, "tiny", context_length=32768)
-    with Daemon(store).start() as server:
+    # A long default context: a request without options (the native API's) runs long enough to be left.
+    with Daemon(store, env={"RKLLAMA_CONTEXT_LENGTH": "32768"}).start() as server:
         yield server
 
 
