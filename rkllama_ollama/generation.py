@@ -118,6 +118,45 @@ async def first_event(events: AsyncIterator[Event]) -> Event:
     return event
 
 
+@dataclass
+class Answer:
+    """A whole (non-streamed) answer gathered from a run's events; each face formats it its own way."""
+
+    content_parts: list[str] = field(default_factory=list)
+    thinking_parts: list[str] = field(default_factory=list)
+    tool_calls: list[ToolCallEvent] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    @property
+    def content(self) -> str:
+        return "".join(self.content_parts)
+
+    @property
+    def thinking(self) -> str:
+        return "".join(self.thinking_parts)
+
+    def add(self, event: Thinking | Content | ToolCallEvent) -> None:
+        self.logprobs.extend(event.logprobs or ())
+        if isinstance(event, Content):
+            self.content_parts.append(event.text)
+        elif isinstance(event, Thinking):
+            self.thinking_parts.append(event.text)
+        else:
+            self.tool_calls.append(event)
+
+
+async def collect_answer(first: Event, events: AsyncIterator[Event]) -> tuple[Answer, Done]:
+    """Gather a run (from its `first_event`) into one Answer and its final Done."""
+    answer = Answer()
+    event: Event | None = first
+    while event is not None:
+        if isinstance(event, Done):
+            return answer, event
+        answer.add(event)
+        event = await anext(events, None)
+    raise RuntimeFailure("generation ended without a final result")
+
+
 INPUT_TOO_LONG = "the input length exceeds the context length"  # Ollama's wording for embeddings
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
@@ -25,8 +26,10 @@ from rkllama_ollama.generation import (
     CapabilityError,
     Content,
     Done,
+    Event,
     GenerationRequest,
     Thinking,
+    collect_answer,
     first_event,
 )
 from rkllama_ollama.model_admin import delete_model
@@ -172,56 +175,44 @@ class NativeApi:
             return await self._stream(request, entry, first, events)
 
     async def _stream(
-        self, request: web.Request, entry: ModelEntry, first: Any, events: Any
+        self, request: web.Request, entry: ModelEntry, first: Event, events: AsyncIterator[Event]
     ) -> web.StreamResponse:
-        out = wire.JsonStream(request, STREAM_CONTENT_TYPE, suffix=b"\n\n")  # the seed's framing
-        send = out.send
-        event = first
-        try:
-            while event is not None:
-                if isinstance(event, Done):
-                    await send(
-                        {
-                            "token": "",
-                            "finish": True,
-                            "tokens_per_second": tokens_per_second(event),
-                            "tokens_generated": event.stats.eval_count,
-                            "choices": choice("", "stop"),
-                        }
-                    )
-                    break
-                if isinstance(event, Thinking):
-                    await send({"token": event.text, "thinking": True, "choices": choice("", None)})
-                elif isinstance(event, Content):
-                    await send({"token": event.text, "thinking": False, "choices": choice(event.text, None)})
-                event = await anext(events, None)
-        except RuntimeFailure as exc:
-            log.warning("native generation failed mid-stream model=%s: %s", entry.name.display, exc)
-            await send({"error": str(exc)})
-        return await out.finish()
-
-    async def _collect(self, entry: ModelEntry, first: Any, events: Any) -> web.Response:
-        content: list[str] = []
-        event = first
-        while event is not None:
+        def frames(event: Event) -> list[dict[str, Any]]:
             if isinstance(event, Done):
-                text = "".join(content)
-                stats = event.stats
-                return wire.json_response(
+                return [
                     {
-                        "model": native_name(entry),
-                        "response": text,
-                        "tokens_generated": stats.eval_count,
+                        "token": "",
+                        "finish": True,
                         "tokens_per_second": tokens_per_second(event),
-                        "choices": choice(text, "stop"),
-                        "usage": {
-                            "prompt_tokens": stats.prompt_tokens,
-                            "completion_tokens": stats.eval_count,
-                            "total_tokens": stats.prompt_tokens + stats.eval_count,
-                        },
+                        "tokens_generated": event.stats.eval_count,
+                        "choices": choice("", "stop"),
                     }
-                )
+                ]
+            if isinstance(event, Thinking):
+                return [{"token": event.text, "thinking": True, "choices": choice("", None)}]
             if isinstance(event, Content):
-                content.append(event.text)
-            event = await anext(events, None)
-        raise RuntimeFailure("generation ended without a final result")
+                return [{"token": event.text, "thinking": False, "choices": choice(event.text, None)}]
+            return []
+
+        out = wire.JsonStream(request, STREAM_CONTENT_TYPE, suffix=b"\n\n")  # the seed's framing
+        return await wire.relay_events(
+            out, first, events, frames, lambda message: {"error": message}, entry.name.display
+        )
+
+    async def _collect(self, entry: ModelEntry, first: Event, events: AsyncIterator[Event]) -> web.Response:
+        answer, done = await collect_answer(first, events)
+        stats = done.stats
+        return wire.json_response(
+            {
+                "model": native_name(entry),
+                "response": answer.content,
+                "tokens_generated": stats.eval_count,
+                "tokens_per_second": tokens_per_second(done),
+                "choices": choice(answer.content, "stop"),
+                "usage": {
+                    "prompt_tokens": stats.prompt_tokens,
+                    "completion_tokens": stats.eval_count,
+                    "total_tokens": stats.prompt_tokens + stats.eval_count,
+                },
+            }
+        )

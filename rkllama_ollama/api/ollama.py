@@ -8,7 +8,7 @@ import asyncio
 import datetime as dt
 import logging
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +24,7 @@ from rkllama_ollama.api.pulling import pull_request_fields, respond_pull
 from rkllama_ollama.api.wire import BadRequest, field_of
 from rkllama_ollama.durations import parse_keep_alive
 from rkllama_ollama.generation import (
+    Answer,
     CapabilityError,
     Content,
     Done,
@@ -32,6 +33,7 @@ from rkllama_ollama.generation import (
     GenerationRequest,
     Thinking,
     ToolCallEvent,
+    collect_answer,
     first_event,
     l2_normalised,
 )
@@ -40,7 +42,6 @@ from rkllama_ollama.models.blobs import BlobError
 from rkllama_ollama.models.names import InvalidModelName, parse_name
 from rkllama_ollama.models.store import ModelEntry, ModelNotFound, StoreError
 from rkllama_ollama.options import OptionError, validate_options
-from rkllama_ollama.runtime.base import RuntimeFailure
 from rkllama_ollama.structured import Format, FormatError, check_format
 
 log = logging.getLogger(__name__)
@@ -388,16 +389,16 @@ class OllamaApi:
                 base["response"] = event.text
             return _with_logprobs(base, event)
 
-        def final(done: Done, collected: _Collected | None) -> dict[str, Any]:
+        def final(done: Done, answer: Answer | None) -> dict[str, Any]:
             reply = self._final_generate(label, done.done_reason)
-            if collected is not None:
-                reply["response"] = collected.content
-                if collected.thinking:
-                    reply["thinking"] = collected.thinking
-            if collected is not None and collected.tool_calls:
-                reply["tool_calls"] = collected.tool_calls
-            if collected is not None and collected.logprobs:
-                reply["logprobs"] = collected.logprobs
+            if answer is not None:
+                reply["response"] = answer.content
+                if answer.thinking:
+                    reply["thinking"] = answer.thinking
+                if answer.tool_calls:
+                    reply["tool_calls"] = [_tool_call_json(call) for call in answer.tool_calls]
+                if answer.logprobs:
+                    reply["logprobs"] = answer.logprobs
             if not raw:
                 reply["context"] = done.context
             reply.update(_stats_fields(done))
@@ -449,17 +450,17 @@ class OllamaApi:
             base = {"model": label, "created_at": wire.rfc3339_utc(), "message": message, "done": False}
             return _with_logprobs(base, event)
 
-        def final(done: Done, collected: _Collected | None) -> dict[str, Any]:
+        def final(done: Done, answer: Answer | None) -> dict[str, Any]:
             reply = self._final_chat(label, done.done_reason)
-            if collected is not None:
+            if answer is not None:
                 message = reply["message"]
-                message["content"] = collected.content
-                if collected.thinking:
-                    message["thinking"] = collected.thinking
-                if collected.tool_calls:
-                    message["tool_calls"] = collected.tool_calls
-                if collected.logprobs:
-                    reply["logprobs"] = collected.logprobs
+                message["content"] = answer.content
+                if answer.thinking:
+                    message["thinking"] = answer.thinking
+                if answer.tool_calls:
+                    message["tool_calls"] = [_tool_call_json(call) for call in answer.tool_calls]
+                if answer.logprobs:
+                    reply["logprobs"] = answer.logprobs
             reply.update(_stats_fields(done))
             return reply
 
@@ -650,40 +651,25 @@ class OllamaApi:
         gen: GenerationRequest,
         stream: bool,
         chunk: Callable[[Event], dict[str, Any]],
-        final: Callable[[Done, _Collected | None], dict[str, Any]],
+        final: Callable[[Done, Answer | None], dict[str, Any]],
     ) -> web.StreamResponse:
         async with aclosing(self.ctx.generator.run(gen)) as events:
             first = await first_event(events)
             if not stream:
-                return await self._collect(first, events, final)
-            out = wire.ndjson_stream(request)
-            try:
-                event: Event | None = first
-                while event is not None:
-                    if isinstance(event, Done):
-                        await out.send(final(event, None))
-                        break
-                    await out.send(chunk(event))
-                    event = await anext(events, None)
-            except RuntimeFailure as exc:
-                log.warning("generation failed mid-stream model=%s: %s", gen.entry.name.display, exc)
-                await out.send({"error": str(exc)})
-            return await out.finish()
+                answer, done = await collect_answer(first, events)
+                return wire.json_response(final(done, answer))
 
-    async def _collect(
-        self,
-        first: Event,
-        events: AsyncIterator[Event],
-        final: Callable[[Done, _Collected | None], dict[str, Any]],
-    ) -> web.Response:
-        collected = _Collected()
-        event: Event | None = first
-        while event is not None:
-            if isinstance(event, Done):
-                return wire.json_response(final(event, collected))
-            collected.add(event)
-            event = await anext(events, None)
-        raise RuntimeFailure("generation ended without a final result")
+            def frames(event: Event) -> list[dict[str, Any]]:
+                return [final(event, None) if isinstance(event, Done) else chunk(event)]
+
+            return await wire.relay_events(
+                wire.ndjson_stream(request),
+                first,
+                events,
+                frames,
+                lambda message: {"error": message},
+                gen.entry.name.display,
+            )
 
 
 def _with_logprobs(chunk: dict[str, Any], event: Event) -> dict[str, Any]:
@@ -691,31 +677,6 @@ def _with_logprobs(chunk: dict[str, Any], event: Event) -> dict[str, Any]:
     if logprobs is not None:
         chunk["logprobs"] = logprobs
     return chunk
-
-
-class _Collected:
-    def __init__(self) -> None:
-        self._content: list[str] = []
-        self._thinking: list[str] = []
-        self.tool_calls: list[dict[str, Any]] = []
-        self.logprobs: list[Any] = []
-
-    def add(self, event: Event) -> None:
-        self.logprobs.extend(getattr(event, "logprobs", None) or ())
-        if isinstance(event, Content):
-            self._content.append(event.text)
-        elif isinstance(event, Thinking):
-            self._thinking.append(event.text)
-        elif isinstance(event, ToolCallEvent):
-            self.tool_calls.append(_tool_call_json(event))
-
-    @property
-    def content(self) -> str:
-        return "".join(self._content)
-
-    @property
-    def thinking(self) -> str:
-        return "".join(self._thinking)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from rkllama_ollama.api.openai_request import (
 )
 from rkllama_ollama.api.wire import BadRequest, field_of
 from rkllama_ollama.generation import (
+    Answer,
     CapabilityError,
     Content,
     Done,
@@ -43,11 +44,12 @@ from rkllama_ollama.generation import (
     GenerationRequest,
     Thinking,
     ToolCallEvent,
+    collect_answer,
     first_event,
     l2_normalised,
 )
 from rkllama_ollama.models.store import ModelEntry, ModelNotFound
-from rkllama_ollama.runtime.base import RuntimeFailure, TokenLogprob
+from rkllama_ollama.runtime.base import TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -116,25 +118,6 @@ class _LegacyLogprobs:
             ],
             "text_offset": offsets,
         }
-
-
-class _Answer:
-    """A whole (non-streamed) answer, gathered from the events."""
-
-    def __init__(self) -> None:
-        self.content: list[str] = []
-        self.reasoning: list[str] = []
-        self.tool_calls: list[dict[str, Any]] = []
-        self.logprobs: list[TokenLogprob] = []
-
-    def add(self, event: Event) -> None:
-        self.logprobs.extend(getattr(event, "logprobs", None) or ())
-        if isinstance(event, Content):
-            self.content.append(event.text)
-        elif isinstance(event, Thinking):
-            self.reasoning.append(event.text)
-        elif isinstance(event, ToolCallEvent):
-            self.tool_calls.append(_tool_call(event))
 
 
 class OpenAiApi:
@@ -217,12 +200,12 @@ class OpenAiApi:
 
         if not stream:
 
-            def whole(done: Done, answer: _Answer) -> dict[str, Any]:
-                message: dict[str, Any] = {"role": "assistant", "content": "".join(answer.content)}
-                if answer.reasoning:
-                    message["reasoning"] = "".join(answer.reasoning)
+            def whole(done: Done, answer: Answer) -> dict[str, Any]:
+                message: dict[str, Any] = {"role": "assistant", "content": answer.content}
+                if answer.thinking:
+                    message["reasoning"] = answer.thinking
                 if answer.tool_calls:
-                    message["tool_calls"] = answer.tool_calls
+                    message["tool_calls"] = [_tool_call(call) for call in answer.tool_calls]
                 choice = {
                     "index": 0,
                     "message": message,
@@ -307,9 +290,9 @@ class OpenAiApi:
 
         if not stream:
 
-            def whole(done: Done, answer: _Answer) -> dict[str, Any]:
+            def whole(done: Done, answer: Answer) -> dict[str, Any]:
                 choice: dict[str, Any] = {
-                    "text": "".join(answer.content),
+                    "text": answer.content,
                     "index": 0,
                     "finish_reason": _finish_reason(done, False),
                 }
@@ -371,15 +354,11 @@ class OpenAiApi:
     # -- shared ---------------------------------------------------------------------------------
 
     async def _whole(
-        self, gen: GenerationRequest, whole: Callable[[Done, _Answer], dict[str, Any]]
+        self, gen: GenerationRequest, whole: Callable[[Done, Answer], dict[str, Any]]
     ) -> web.Response:
-        answer = _Answer()
         async with aclosing(self.ctx.generator.run(gen)) as events:
-            async for event in events:
-                if isinstance(event, Done):
-                    return wire.json_response(whole(event, answer), charset=False)
-                answer.add(event)
-        raise RuntimeFailure("generation ended without a final result")
+            answer, done = await collect_answer(await first_event(events), events)
+        return wire.json_response(whole(done, answer), charset=False)
 
     async def _stream(
         self,
@@ -389,21 +368,14 @@ class OpenAiApi:
     ) -> web.StreamResponse:
         async with aclosing(self.ctx.generator.run(gen)) as events:
             first = await first_event(events)
-            out = wire.sse_stream(request)
-            try:
-                event: Event | None = first
-                while event is not None:
-                    for chunk in chunks(event):
-                        await out.send(chunk)
-                    if isinstance(event, Done):
-                        break
-                    event = await anext(events, None)
-            except RuntimeFailure as exc:
-                log.warning("generation failed mid-stream model=%s: %s", gen.entry.name.display, exc)
-                await out.send(
-                    {"error": {"message": str(exc), "type": "api_error", "param": None, "code": None}}
-                )
-            return await out.finish()
+            return await wire.relay_events(
+                wire.sse_stream(request),
+                first,
+                events,
+                chunks,
+                wire.openai_error_body,
+                gen.entry.name.display,
+            )
 
 
 def _encoded(vector: list[float], encoding: str) -> list[float] | str:

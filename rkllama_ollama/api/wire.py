@@ -5,10 +5,14 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import orjson
 from aiohttp import web
+
+from rkllama_ollama.generation import Done, Event
+from rkllama_ollama.runtime.base import RuntimeFailure
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +46,13 @@ def openai_error_type(status: int) -> str:
     return "api_error"
 
 
+def openai_error_body(message: str, status: int = 500) -> dict[str, Any]:
+    """OpenAI's error envelope (also the last event of an SSE stream that failed midway)."""
+    return {"error": {"message": message, "type": openai_error_type(status), "param": None, "code": None}}
+
+
 def openai_error_response(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    body = {"error": {"message": message, "type": openai_error_type(status), "param": None, "code": None}}
-    return json_response(body, status, charset=False, headers=headers)
+    return json_response(openai_error_body(message, status), status, charset=False, headers=headers)
 
 
 def empty_response(status: int = 200) -> web.Response:
@@ -137,6 +145,30 @@ class JsonStream:
             await self.response.write(self._trailer)
         await self.response.write_eof()
         return self.response
+
+
+async def relay_events(
+    out: JsonStream,
+    first: Event,
+    events: AsyncIterator[Event],
+    frames: Callable[[Event], Iterable[Any]],
+    error: Callable[[str], Any],
+    model: str,
+) -> web.StreamResponse:
+    """Write a run's events (from its `first_event`) as they come: each event becomes the `frames` the
+    face makes of it, the stream ends after Done; a failure mid-stream becomes the face's `error` object."""
+    try:
+        event: Event | None = first
+        while event is not None:
+            for frame in frames(event):
+                await out.send(frame)
+            if isinstance(event, Done):
+                break
+            event = await anext(events, None)
+    except RuntimeFailure as exc:
+        log.warning("generation failed mid-stream model=%s: %s", model, exc)
+        await out.send(error(str(exc)))
+    return await out.finish()
 
 
 def ndjson_stream(request: web.Request) -> JsonStream:
