@@ -104,6 +104,21 @@ class GenerationFields:
     truncate: bool  # chat: drop the oldest messages to fit the context (Ollama's default: true)
     shift: bool  # a reply that fills the context shifts it and goes on (Ollama's default: true)
 
+    def request(self, entry: ModelEntry, **specific: Any) -> GenerationRequest:
+        """The GenerationRequest with these shared fields and the endpoint's own (`prompt`, `messages`...)."""
+        return GenerationRequest(
+            entry=entry,
+            think=self.think,
+            options=self.options,
+            keep_alive_s=self.keep_alive,
+            interactive=self.stream,
+            format=self.format,
+            top_logprobs=self.top_logprobs,
+            truncate=self.truncate,
+            shift=self.shift,
+            **specific,
+        )
+
 
 def parse_generation_fields(body: dict[str, Any]) -> GenerationFields:
     top_logprobs = field_of(body, "top_logprobs", int, "an integer")
@@ -365,20 +380,8 @@ class OllamaApi:
         if not prompt and not context:
             await self.ctx.generator.load(entry, options, keep_alive)
             return wire.json_response(self._final_generate(label, "load"))
-        gen = GenerationRequest(
-            entry=entry,
-            prompt=prompt,
-            system=system,
-            suffix=suffix,
-            raw=raw,
-            context=context or None,
-            think=think,
-            options=options,
-            keep_alive_s=keep_alive,
-            interactive=common.stream,
-            format=common.format,
-            top_logprobs=common.top_logprobs,
-            shift=common.shift,
+        gen = common.request(
+            entry, prompt=prompt, system=system, suffix=suffix, raw=raw, context=context or None
         )
 
         def chunk(event: Event) -> dict[str, Any]:
@@ -425,19 +428,7 @@ class OllamaApi:
         if not messages:
             await self.ctx.generator.load(entry, options, keep_alive)
             return wire.json_response(self._final_chat(label, "load"))
-        gen = GenerationRequest(
-            entry=entry,
-            messages=messages,
-            tools=tools,
-            think=think,
-            options=options,
-            keep_alive_s=keep_alive,
-            interactive=common.stream,
-            format=common.format,
-            top_logprobs=common.top_logprobs,
-            truncate=common.truncate,
-            shift=common.shift,
-        )
+        gen = common.request(entry, messages=messages, tools=tools)
 
         def chunk(event: Event) -> dict[str, Any]:
             message: dict[str, Any] = {"role": "assistant", "content": ""}
