@@ -390,7 +390,7 @@ class OllamaApi:
                 base["thinking"] = event.text
             elif isinstance(event, Content):
                 base["response"] = event.text
-            return _with_logprobs(base, event)
+            return _chunk_with_logprobs(base, event)
 
         def final(done: Done, answer: Answer | None) -> dict[str, Any]:
             reply = self._final_generate(label, done.done_reason)
@@ -439,7 +439,7 @@ class OllamaApi:
             elif isinstance(event, ToolCallEvent):
                 message["tool_calls"] = [_tool_call_json(event)]
             base = {"model": label, "created_at": wire.rfc3339_utc(), "message": message, "done": False}
-            return _with_logprobs(base, event)
+            return _chunk_with_logprobs(base, event)
 
         def final(done: Done, answer: Answer | None) -> dict[str, Any]:
             reply = self._final_chat(label, done.done_reason)
@@ -663,7 +663,7 @@ class OllamaApi:
             )
 
 
-def _with_logprobs(chunk: dict[str, Any], event: Event) -> dict[str, Any]:
+def _chunk_with_logprobs(chunk: dict[str, Any], event: Event) -> dict[str, Any]:
     logprobs = getattr(event, "logprobs", None)
     if logprobs is not None:
         chunk["logprobs"] = logprobs
