@@ -3,10 +3,13 @@ count is preserved even while the text is held back, e.g. a tool call being buff
 
 from __future__ import annotations
 
+import orjson
+
 from rkllama_ollama.chat.parse import ToolCall
 from rkllama_ollama.generation import Content, Thinking, ToolCallEvent, _with_logprobs
+from rkllama_ollama.runtime.base import TokenLogprob
 
-ENTRY = {"token": "a", "logprob": -0.5, "bytes": [97]}
+ENTRY = TokenLogprob(b"a", -0.5)
 
 
 def test_without_logprobs_the_events_are_untouched() -> None:
@@ -23,3 +26,9 @@ def test_they_go_on_the_first_event_only() -> None:
 
 def test_held_back_text_still_streams_its_logprobs_on_an_empty_content() -> None:
     assert _with_logprobs([], [ENTRY]) == [Content("", [ENTRY])]
+
+
+def test_an_entry_crosses_the_runner_pipe_unchanged() -> None:
+    entry = TokenLogprob(b"\xe6\x97", -1.25, (TokenLogprob(b"\xe6\x97", -1.25), TokenLogprob(b" the", -2.5)))
+    assert TokenLogprob.from_wire(orjson.loads(orjson.dumps(entry.to_wire()))) == entry
+    assert entry.text == "\ufffd"  # part of a character: the raw bytes keep what the text cannot

@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("llama_cpp")
 
-from rkllama_ollama.runtime.base import LoadSpec, SamplingOptions  # noqa: E402
+from rkllama_ollama.runtime.base import LoadSpec, SamplingOptions, TokenLogprob  # noqa: E402
 from rkllama_ollama.runtime.grammar import answer_after_thinking  # noqa: E402
 from rkllama_ollama.runtime.llamacpp import LlamaCppRuntime, LlamaCppSession  # noqa: E402
 from tests.support.tiny_gguf import write_tiny_gguf  # noqa: E402
@@ -34,9 +34,9 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaCppSessio
 
 def tokens_of(session: LlamaCppSession, options: SamplingOptions) -> tuple[list[bytes], str]:
     """The generated tokens' bytes (from their logprob entries) and the done reason."""
-    entries: list[dict[str, object]] = []
+    entries: list[TokenLogprob] = []
     stats = session.generate(PROMPT, options, lambda _text, logprobs: entries.extend(logprobs))
-    return [bytes(entry["bytes"]) for entry in entries], stats.done_reason  # type: ignore[arg-type]
+    return [entry.raw for entry in entries], stats.done_reason
 
 
 def assert_object_answer(answer: str, done_reason: str) -> None:

@@ -21,6 +21,7 @@ from rkllama_ollama.runtime.base import (  # noqa: E402
     LoadSpec,
     RuntimeFailure,
     SamplingOptions,
+    TokenLogprob,
 )
 from rkllama_ollama.runtime.llamacpp import LlamaCppRuntime, LlamaCppSession, _PieceDecoder  # noqa: E402
 from tests.support.tiny_gguf import CHATML, write_tiny_gguf  # noqa: E402
@@ -455,39 +456,37 @@ def test_smollm2_answers_a_short_chat() -> None:
 
 
 def test_logprobs_come_with_their_pieces_one_entry_per_token(session: LlamaCppSession) -> None:
-    calls: list[tuple[str, list[dict[str, object]]]] = []
+    calls: list[tuple[str, list[TokenLogprob]]] = []
     options = SamplingOptions(temperature=1.5, top_k=0, top_p=1.0, seed=7, num_predict=24, top_logprobs=3)
     stats = session.generate(CHAT_PROMPT, options, lambda text, logprobs: calls.append((text, logprobs)))
     entries = [entry for _, logprobs in calls for entry in logprobs]
     assert len(entries) == stats.eval_count  # every generated token, none twice
     generated = stats.context[stats.prompt_tokens :]
-    assert b"".join(bytes(entry["bytes"]) for entry in entries) == b"".join(  # type: ignore[arg-type]
-        session._token_bytes(token) for token in generated
-    )
+    assert b"".join(entry.raw for entry in entries) == b"".join(session._token_bytes(t) for t in generated)
     assert "".join(text for text, _ in calls) == session.detokenize(generated)
     for entry in entries:
-        assert entry["logprob"] <= 0.0  # type: ignore[operator]
-        tops = entry["top_logprobs"]
-        assert len(tops) == 3  # type: ignore[arg-type]
-        values = [top["logprob"] for top in tops]  # type: ignore[index, union-attr]
+        assert entry.logprob <= 0.0
+        assert len(entry.top) == 3
+        values = [top.logprob for top in entry.top]
         assert values == sorted(values, reverse=True) and sum(math.exp(v) for v in values) <= 1.0 + 1e-9
-        assert entry["logprob"] <= values[0] + 1e-9  # nothing beats the likeliest
+        assert entry.logprob <= values[0] + 1e-9  # nothing beats the likeliest
+        assert all(top.top == () for top in entry.top)
 
 
 def test_greedy_picks_the_likeliest_token_and_no_alternatives_when_none_are_asked(
     session: LlamaCppSession,
 ) -> None:
-    calls: list[list[dict[str, object]]] = []
+    calls: list[list[TokenLogprob]] = []
     options = SamplingOptions(temperature=0.0, num_predict=8, top_logprobs=0)
     session.generate(CHAT_PROMPT, options, lambda _text, logprobs: calls.append(logprobs))
     entries = [entry for logprobs in calls for entry in logprobs]
-    assert entries and all("top_logprobs" not in entry for entry in entries)
+    assert entries and all(entry.top == () for entry in entries)
     check = SamplingOptions(temperature=0.0, num_predict=8, top_logprobs=1)
-    tops: list[list[dict[str, object]]] = []
+    tops: list[list[TokenLogprob]] = []
     session.generate(CHAT_PROMPT, check, lambda _text, logprobs: tops.append(logprobs))
     for entry in (e for logprobs in tops for e in logprobs):
-        assert entry["token"] == entry["top_logprobs"][0]["token"]  # type: ignore[index]
-        assert entry["logprob"] == pytest.approx(entry["top_logprobs"][0]["logprob"])  # type: ignore[index]
+        assert entry.raw == entry.top[0].raw
+        assert entry.logprob == pytest.approx(entry.top[0].logprob)
 
 
 def test_a_reply_that_fills_the_context_shifts_it_and_goes_on(small_session: LlamaCppSession) -> None:

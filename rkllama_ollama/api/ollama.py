@@ -42,6 +42,7 @@ from rkllama_ollama.models.blobs import BlobError
 from rkllama_ollama.models.names import InvalidModelName, parse_name
 from rkllama_ollama.models.store import ModelEntry, ModelNotFound, StoreError
 from rkllama_ollama.options import OptionError, validate_options
+from rkllama_ollama.runtime.base import TokenLogprob
 from rkllama_ollama.structured import Format, FormatError, check_format
 
 log = logging.getLogger(__name__)
@@ -401,7 +402,7 @@ class OllamaApi:
                 if answer.tool_calls:
                     reply["tool_calls"] = [_tool_call_json(call) for call in answer.tool_calls]
                 if answer.logprobs:
-                    reply["logprobs"] = answer.logprobs
+                    reply["logprobs"] = ollama_logprobs(answer.logprobs)
             if not raw:
                 reply["context"] = done.context
             reply.update(_stats_fields(done))
@@ -451,7 +452,7 @@ class OllamaApi:
                 if answer.tool_calls:
                     message["tool_calls"] = [_tool_call_json(call) for call in answer.tool_calls]
                 if answer.logprobs:
-                    reply["logprobs"] = answer.logprobs
+                    reply["logprobs"] = ollama_logprobs(answer.logprobs)
             reply.update(_stats_fields(done))
             return reply
 
@@ -663,10 +664,23 @@ class OllamaApi:
             )
 
 
+def ollama_logprobs(entries: list[TokenLogprob]) -> list[dict[str, Any]]:
+    """Ollama's shape: token, logprob, bytes, and `top_logprobs` when alternatives were asked for."""
+    out = []
+    for entry in entries:
+        item: dict[str, Any] = {"token": entry.text, "logprob": entry.logprob, "bytes": list(entry.raw)}
+        if entry.top:
+            item["top_logprobs"] = [
+                {"token": t.text, "logprob": t.logprob, "bytes": list(t.raw)} for t in entry.top
+            ]
+        out.append(item)
+    return out
+
+
 def _chunk_with_logprobs(chunk: dict[str, Any], event: Event) -> dict[str, Any]:
     logprobs = getattr(event, "logprobs", None)
     if logprobs is not None:
-        chunk["logprobs"] = logprobs
+        chunk["logprobs"] = ollama_logprobs(logprobs)
     return chunk
 
 

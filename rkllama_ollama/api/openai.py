@@ -92,9 +92,18 @@ def model_object(entry: ModelEntry, model_id: str | None = None) -> dict[str, An
     }
 
 
+def _token_json(entry: TokenLogprob) -> dict[str, Any]:
+    return {"token": entry.text, "logprob": entry.logprob, "bytes": list(entry.raw)}
+
+
 def _chat_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
-    """Chat's `logprobs` object: Ollama's entries, with `top_logprobs` always present as OpenAI's are."""
-    return {"content": [{**entry, "top_logprobs": entry.get("top_logprobs", [])} for entry in entries]}
+    """Chat's `logprobs` object: one entry per token, `top_logprobs` always present as OpenAI's are."""
+    return {
+        "content": [
+            {**_token_json(entry), "top_logprobs": [_token_json(top) for top in entry.top]}
+            for entry in entries
+        ]
+    }
 
 
 class _LegacyLogprobs:
@@ -107,15 +116,13 @@ class _LegacyLogprobs:
     def of(self, entries: list[TokenLogprob]) -> dict[str, Any]:
         tokens, offsets = [], []
         for entry in entries:
-            tokens.append(entry["token"])
+            tokens.append(entry.text)
             offsets.append(self.offset)
-            self.offset += len(entry["token"])
+            self.offset += len(entry.text)
         return {
             "tokens": tokens,
-            "token_logprobs": [entry["logprob"] for entry in entries],
-            "top_logprobs": [
-                {top["token"]: top["logprob"] for top in entry.get("top_logprobs", [])} for entry in entries
-            ],
+            "token_logprobs": [entry.logprob for entry in entries],
+            "top_logprobs": [{top.text: top.logprob for top in entry.top} for entry in entries],
             "text_offset": offsets,
         }
 

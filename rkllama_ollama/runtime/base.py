@@ -151,7 +151,27 @@ class EmbedResult:
         return _from_dict(cls, data)
 
 
-TokenLogprob = dict[str, Any]  # {"token", "logprob", "bytes", "top_logprobs"?}: Ollama's wire shape
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model, with the likeliest tokens at its position
+    when they were asked for (each a TokenLogprob without alternatives of its own). The faces turn it
+    into their wire shapes."""
+
+    raw: bytes  # the token's bytes (a token may hold part of a character)
+    logprob: float
+    top: tuple[TokenLogprob, ...] = ()
+
+    @property
+    def text(self) -> str:
+        return self.raw.decode("utf-8", errors="replace")
+
+    def to_wire(self) -> list[Any]:
+        return [self.raw.hex(), self.logprob, [t.to_wire() for t in self.top]]
+
+    @classmethod
+    def from_wire(cls, data: list[Any]) -> TokenLogprob:
+        raw, logprob, top = data
+        return cls(bytes.fromhex(raw), float(logprob), tuple(cls.from_wire(t) for t in top))
 
 
 class EmitPiece(Protocol):

@@ -350,16 +350,14 @@ class LlamaCppSession:
         logits = np.ctypeslib.as_array(pointer, shape=(n_vocab,)).astype(np.float64)
         peak = logits.max()
         log_total = peak + np.log(np.exp(logits - peak).sum())
-        entry = self._token_entry(token, float(logits[token] - log_total))
+        alternatives: tuple[TokenLogprob, ...] = ()
         if top > 0:
             best = np.argpartition(-logits, min(top, n_vocab) - 1)[:top]
             best = best[np.argsort(-logits[best], kind="stable")]
-            entry["top_logprobs"] = [self._token_entry(int(i), float(logits[i] - log_total)) for i in best]
-        return entry
-
-    def _token_entry(self, token: int, logprob: float) -> TokenLogprob:
-        raw = self._token_bytes(token)
-        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+            alternatives = tuple(
+                TokenLogprob(self._token_bytes(int(i)), float(logits[i] - log_total)) for i in best
+            )
+        return TokenLogprob(self._token_bytes(token), float(logits[token] - log_total), alternatives)
 
     def _shift_context(self, llm: Any, num_keep: int) -> bool:
         """Make room in a full context the way Ollama does: keep the first `num_keep` tokens, drop the

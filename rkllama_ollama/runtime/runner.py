@@ -205,7 +205,8 @@ class _ChildRunner:
                     if logprobs is None:
                         send({"ev": "piece", "id": request_id, "text": text})
                     else:
-                        send({"ev": "piece", "id": request_id, "text": text, "logprobs": logprobs})
+                        wire = [entry.to_wire() for entry in logprobs]
+                        send({"ev": "piece", "id": request_id, "text": text, "logprobs": wire})
 
                 stats = session.generate(message["prompt"], options, emit, cancel)
             finally:
@@ -500,7 +501,10 @@ class RunnerGeneration:
             raise
         kind = message.get("ev")
         if kind == "piece":
-            return Piece(message["text"], message.get("logprobs"))
+            logprobs = message.get("logprobs")
+            if logprobs is None:
+                return Piece(message["text"])
+            return Piece(message["text"], [TokenLogprob.from_wire(entry) for entry in logprobs])
         self._finished = True
         self._runner._waiting.pop(self._id, None)
         if kind == "done":
