@@ -14,11 +14,19 @@ EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 CREATED_AT = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{0,5}[1-9])?Z$")
 
 
+def datetime_formatted(moment: dt.datetime) -> str:
+    """The slow, obvious formatting, as the reference."""
+    text = moment.strftime("%Y-%m-%dT%H:%M:%S")
+    if moment.microsecond:
+        text += f".{moment.microsecond:06d}".rstrip("0")
+    return text + "Z"
+
+
 @given(st.integers(min_value=0, max_value=4_102_444_800 * 10**9))  # up to 2100
 def test_clock_matches_the_datetime_formatter(unix_ns: int) -> None:
     moment = EPOCH + dt.timedelta(microseconds=unix_ns // 1000)
     clock = wire._UtcClock()
-    assert clock.at(unix_ns) == wire.rfc3339_utc(moment)
+    assert clock.at(unix_ns) == datetime_formatted(moment)
 
 
 def test_clock_reuses_its_second_but_not_across_seconds() -> None:

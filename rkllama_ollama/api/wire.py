@@ -84,15 +84,9 @@ class _UtcClock:
 _utc_clock = _UtcClock()
 
 
-def rfc3339_utc(moment: dt.datetime | None = None) -> str:
-    """`created_at`: UTC with Z, microseconds with trailing zeros trimmed (Go's marshaller shape)."""
-    if moment is None:
-        return _utc_clock.now()
-    moment = moment.astimezone(dt.UTC)
-    text = moment.strftime("%Y-%m-%dT%H:%M:%S")
-    if moment.microsecond:
-        text += f".{moment.microsecond:06d}".rstrip("0")
-    return text + "Z"
+def rfc3339_utc() -> str:
+    """`created_at` now: UTC with Z, microseconds with trailing zeros trimmed (Go's marshaller shape)."""
+    return _utc_clock.now()
 
 
 def rfc3339_local(moment: dt.datetime) -> str:
