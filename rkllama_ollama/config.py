@@ -14,8 +14,9 @@ from rkllama_ollama.runtime.cpus import parse_cpu_list
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 11434
 DEFAULT_KEEP_ALIVE_S = 300.0
-# What /api/version reports: a recent, purely numeric Ollama release (Open WebUI parses it as X.Y.Z).
-DEFAULT_OLLAMA_VERSION = "0.12.6"
+# What /api/version reports: a purely numeric Ollama release (Open WebUI parses it as X.Y.Z), the first
+# that serves everything this daemon does (/v1/responses came in 0.13.3).
+DEFAULT_OLLAMA_VERSION = "0.13.3"
 
 
 class ConfigError(ValueError):

@@ -20,6 +20,7 @@ from rkllama_ollama.api.metrics import (
 from rkllama_ollama.api.native import NativeApi
 from rkllama_ollama.api.ollama import OllamaApi
 from rkllama_ollama.api.openai import OpenAiApi
+from rkllama_ollama.api.openai_responses import OpenAiResponsesApi
 from rkllama_ollama.api.security import install_security, security_middlewares
 from rkllama_ollama.api.shutdown import InFlightRequests
 from rkllama_ollama.config import Settings
@@ -111,6 +112,7 @@ def create_app(settings: Settings, ctx: AppContext | None = None) -> web.Applica
     in_flight.install(app)
     app.add_routes(OllamaApi(ctx).routes())
     app.add_routes(OpenAiApi(ctx).routes())
+    app.add_routes(OpenAiResponsesApi(ctx).routes())
     app.add_routes(NativeApi(ctx).routes())
 
     async def on_startup(app: web.Application) -> None:
