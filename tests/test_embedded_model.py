@@ -39,3 +39,26 @@ def test_a_fresh_store_serves_smollm2_and_chats(smol_daemon: Daemon) -> None:
     assert text.strip() and "<|im_end|>" not in text and "<|im_start|>" not in text
     assert final.eval_count and 0 < final.eval_count <= 48
     assert final.prompt_eval_count and final.prompt_eval_count > 10
+
+
+def test_verbose_show_returns_whole_arrays_and_tensors(smol_daemon: Daemon) -> None:
+    """Like Ollama: `verbose` gives the whole vocabulary and the tensor list; without it long arrays
+    are [] (and no file is read). Checked against the gguf package's own reader of the same file."""
+    gguf = pytest.importorskip("gguf")
+    client = ollama.Client(host=smol_daemon.url)
+    full = client._request(
+        ollama.ShowResponse, "POST", "/api/show", json={"model": "smollm2:135m", "verbose": True}
+    )
+    reader = gguf.GGUFReader(str(find_embedded_weights()))
+    field = reader.fields["tokenizer.ggml.tokens"]
+    tokens = [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+    assert len(tokens) > 40000 and full.modelinfo is not None
+    assert full.modelinfo["tokenizer.ggml.tokens"] == tokens
+    assert len(full.modelinfo["tokenizer.ggml.merges"]) == len(reader.fields["tokenizer.ggml.merges"].data)
+    raw = smol_daemon.request("POST", "/api/show", {"model": "smollm2:135m", "verbose": True}).json()
+    tensors = raw["tensors"]  # ollama-python's ShowResponse drops this field; the wire has it
+    assert [(t["name"], t["type"], t["shape"]) for t in tensors] == [
+        (t.name, t.tensor_type.name, [int(d) for d in t.shape]) for t in reader.tensors
+    ]
+    brief = smol_daemon.request("POST", "/api/show", {"model": "smollm2:135m"}).json()
+    assert brief["model_info"]["tokenizer.ggml.tokens"] == [] and "tensors" not in brief

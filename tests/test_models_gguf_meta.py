@@ -114,3 +114,18 @@ def test_garbage_after_magic_raises_gguf_error_only(tmp_path: Path, tail: bytes)
         read_gguf(path)
     except GGUFError:
         pass
+
+
+def test_whole_arrays_and_tensor_infos_when_asked(tmp_path: Path) -> None:
+    """`max_array_items=None` keeps every array whole; `tensor_infos` lists name, ggml type and shape in
+    file order, as the gguf package reads them."""
+    path = write_gguf(tmp_path / "m.gguf", vocab=300)
+    header = read_gguf(path, max_array_items=None, tensor_infos=True)
+    assert header.metadata["tokenizer.ggml.tokens"] == [f"tok{i}" for i in range(300)]
+    assert header.metadata["tokenizer.ggml.scores"] == [float(i) for i in range(300)]
+    reference = gguf.GGUFReader(str(path))
+    assert [(t.name, t.type, list(t.shape)) for t in header.tensors] == [
+        (t.name, t.tensor_type.name, [int(d) for d in t.shape]) for t in reference.tensors
+    ]
+    assert header.tensors[0].shape == (64, 300)  # token_embd: 300 rows of 64, fastest dimension first
+    assert read_gguf(path).tensors == ()  # not kept unless asked

@@ -39,6 +39,8 @@ from rkllama_ollama.generation import (
 )
 from rkllama_ollama.model_admin import BaseModelNotFound, BlobNotFound, copy_model, create_model, delete_model
 from rkllama_ollama.models.blobs import BlobError
+from rkllama_ollama.models.facts import gguf_whole_arrays_and_tensors
+from rkllama_ollama.models.gguf_meta import GGUFError
 from rkllama_ollama.models.names import InvalidModelName, parse_name
 from rkllama_ollama.models.store import ModelEntry, ModelNotFound, StoreError
 from rkllama_ollama.options import OptionError, validate_options
@@ -310,6 +312,14 @@ class OllamaApi:
             for k, v in entry.model_info.items()
             if k not in ("general.name", "tokenizer.chat_template")
         }
+        tensors: list[dict[str, Any]] | None = None
+        if verbose and entry.format == "gguf":  # whole arrays and tensors: read from the file only now
+            try:
+                arrays, tensors = await asyncio.to_thread(gguf_whole_arrays_and_tensors, entry.weights)
+            except (GGUFError, OSError) as exc:
+                log.warning("show verbose: cannot read %s: %s", entry.weights, exc)
+            else:
+                model_info.update(arrays)
         reply: dict[str, Any] = {
             "license": entry.modelfile.license or "",
             "modelfile": entry.modelfile.to_ollama_text(),
@@ -321,6 +331,8 @@ class OllamaApi:
             "capabilities": list(entry.capabilities),
             "modified_at": wire.rfc3339_local(entry.modified_at),
         }
+        if tensors is not None:
+            reply["tensors"] = tensors
         return wire.json_response(reply)
 
     async def ps(self, request: web.Request) -> web.Response:

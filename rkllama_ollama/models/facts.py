@@ -107,6 +107,21 @@ def show_model_info(metadata: dict[str, Any]) -> dict[str, Any]:
     return info
 
 
+def gguf_whole_arrays_and_tensors(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """For `/api/show` with `verbose`: every array of the GGUF metadata whole (the cached facts keep
+    only short ones), and the tensor list as Ollama shows it (name, ggml type, shape). Reads the header
+    again, vocabulary included: a few hundred milliseconds on a large vocabulary, so only when asked.
+    Raises GGUFError / OSError when the file cannot be read."""
+    header = read_gguf(path, max_array_items=None, tensor_infos=True)
+    arrays = {
+        key: value
+        for key, value in header.metadata.items()
+        if isinstance(value, list) and key not in HIDDEN_INFO_KEYS
+    }
+    tensors = [{"name": t.name, "type": t.type, "shape": list(t.shape)} for t in header.tensors]
+    return arrays, tensors
+
+
 def gguf_facts(path: Path) -> dict[str, Any]:
     """Facts from a GGUF header. Raises GGUFError / OSError when the file cannot be read."""
     header = read_gguf(path, max_array_items=SHOW_ARRAY_LIMIT)

@@ -2,8 +2,10 @@
 
 Only the header is read, never the tensor data, so a multi-GB file costs a few hundred KB of I/O
 (the vocabulary arrays are walked, not kept). Long arrays (``tokenizer.ggml.tokens``, ``merges``,
-``scores``, ...) are cut to their first `max_array_items` items; the full length of every array is in
-`GGUFHeader.array_lengths`. Both byte orders are understood.
+``scores``, ...) are cut to their first `max_array_items` items (None keeps them whole, for
+`/api/show` with `verbose`); the full length of every array is in `GGUFHeader.array_lengths`. With
+`tensor_infos` the name, ggml type and shape of every tensor are kept too. Both byte orders are
+understood.
 
 Layout (GGUF v2/v3; v1 used 32-bit counts and lengths): magic ``GGUF``, u32 version, tensor count,
 key/value count, then per key: string key, u32 value type, value. A string is a length followed by
@@ -14,6 +16,7 @@ infos (name, u32 n_dims, dims, u32 ggml type, u64 offset), which give the parame
 from __future__ import annotations
 
 import logging
+import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,8 +47,25 @@ _SCALAR_FORMATS = {
 }
 
 
+# ggml tensor types (the `type` of a tensor info) by number, named as llama.cpp and Ollama print them
+GGML_TYPES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1",
+    10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS",
+    17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS",
+    24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16", 34: "TQ1_0",
+    35: "TQ2_0", 39: "MXFP4",
+}  # fmt: skip
+
+
 class GGUFError(ValueError):
     """The file is not a readable GGUF file."""
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    name: str
+    type: str  # ggml type name (GGML_TYPES), or its number when unknown
+    shape: tuple[int, ...]  # in file order (the fastest-varying dimension first)
 
 
 @dataclass(frozen=True)
@@ -56,6 +76,7 @@ class GGUFHeader:
     array_lengths: dict[str, int] = field(default_factory=dict)
     parameter_count: int = 0  # sum of tensor element counts (0 when the tensor infos could not be read)
     special_tokens: dict[str, str] = field(default_factory=dict)  # "bos"/"eos" -> token text, when known
+    tensors: tuple[GGUFTensor, ...] = ()  # only with `tensor_infos`
 
 
 class _Reader:
@@ -125,7 +146,7 @@ def _detect(handle: BinaryIO) -> tuple[str, int]:
 
 
 def _read_value(
-    reader: _Reader, key: str, value_type: int, max_items: int, lengths: dict[str, int], offsets: dict
+    reader: _Reader, key: str, value_type: int, max_items: int | None, lengths: dict[str, int], offsets: dict
 ) -> Any:
     if value_type != _ARRAY:
         return reader.scalar(value_type)
@@ -135,25 +156,30 @@ def _read_value(
     offsets[key] = (item_type, reader.handle.tell(), count)
     if item_type == _ARRAY:
         raise GGUFError(f"nested arrays are not supported (key {key!r})")
-    kept = min(count, max_items)
+    kept = count if max_items is None else min(count, max_items)
     items = [reader.scalar(item_type) for _ in range(kept)]
     reader.skip_scalars(item_type, count - kept)
     return items
 
 
-def _tensor_parameters(reader: _Reader, tensor_count: int) -> int:
+def _tensor_parameters(reader: _Reader, tensor_count: int, infos: list[GGUFTensor] | None = None) -> int:
+    """The parameter count (sum of element counts); the tensor infos go to `infos` when given."""
     total = 0
     for _ in range(tensor_count):
-        reader.skip_string()
+        name = ""
+        if infos is not None:
+            name = reader.string()
+        else:
+            reader.skip_string()
         n_dims = reader.unpack("I")
         if n_dims > 8:
             raise GGUFError(f"implausible tensor rank {n_dims}")
-        elements = 1
-        for _ in range(n_dims):
-            elements *= reader.count()
-        reader.unpack("I")  # ggml type
+        shape = tuple(reader.count() for _ in range(n_dims))
+        ggml_type = reader.unpack("I")
         reader.unpack("Q")  # data offset
-        total += elements
+        total += math.prod(shape)
+        if infos is not None:
+            infos.append(GGUFTensor(name, GGML_TYPES.get(ggml_type, str(ggml_type)), shape))
     return total
 
 
@@ -166,8 +192,17 @@ def _token_text(reader: _Reader, where: tuple[int, int, int], token_id: Any) -> 
     return reader.string()
 
 
-def read_gguf(path: Path | str, *, max_array_items: int = 5, with_tensors: bool = True) -> GGUFHeader:
-    """Read the header of the GGUF file at `path`. Raises GGUFError (or OSError) when it cannot."""
+def read_gguf(
+    path: Path | str,
+    *,
+    max_array_items: int | None = 5,
+    with_tensors: bool = True,
+    tensor_infos: bool = False,
+) -> GGUFHeader:
+    """Read the header of the GGUF file at `path`. Raises GGUFError (or OSError) when it cannot.
+
+    `max_array_items=None` keeps arrays whole; `tensor_infos` keeps every tensor's name, type and shape
+    (it implies `with_tensors`)."""
     with open(path, "rb", buffering=1 << 16) as handle:
         endian, version = _detect(handle)
         reader = _Reader(handle, endian, wide=version >= 2)
@@ -181,9 +216,10 @@ def read_gguf(path: Path | str, *, max_array_items: int = 5, with_tensors: bool 
             value_type = reader.unpack("I")
             metadata[key] = _read_value(reader, key, value_type, max_array_items, lengths, offsets)
         parameter_count = 0
-        if with_tensors:
+        tensors: list[GGUFTensor] | None = [] if tensor_infos else None
+        if with_tensors or tensor_infos:
             try:
-                parameter_count = _tensor_parameters(reader, tensor_count)
+                parameter_count = _tensor_parameters(reader, tensor_count, tensors)
             except GGUFError as exc:
                 log.warning("gguf tensor infos unreadable path=%s error=%s", path, exc)
         special: dict[str, str] = {}
@@ -203,6 +239,7 @@ def read_gguf(path: Path | str, *, max_array_items: int = 5, with_tensors: bool 
         array_lengths=lengths,
         parameter_count=parameter_count,
         special_tokens=special,
+        tensors=tuple(tensors or ()),
     )
 
 
