@@ -35,6 +35,7 @@ native:
 lint: install-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 test: install-test native lint
 	$(BIN)/pytest

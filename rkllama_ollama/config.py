@@ -6,6 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from rkllama_ollama.durations import parse_keep_alive
@@ -67,7 +68,7 @@ class Settings:
         host = "[::1]" if host == "::" else (f"[{host}]" if ":" in host else host)
         return f"http://{host}:{self.port}"
 
-    def with_overrides(self, **overrides: object) -> Settings:
+    def with_overrides(self, **overrides: Any) -> Settings:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -360,11 +360,11 @@ class Generator:
                 len(tools),
             )
             tools = None
-        guide = request.format is not None and not self._constrains(request.entry)
+        guide = None if self._constrains(request.entry) else request.format  # asked in the prompt instead
         if request.messages is not None:
             messages = self._chat_messages(request)
-            if guide:
-                messages = guided_messages(messages, request.format)
+            if guide is not None:
+                messages = guided_messages(messages, guide)
 
             def render(kept: list[dict[str, Any]]) -> str:
                 return self._without_double_bos(template.render(kept, tools=tools, think=think), loaded)
@@ -379,8 +379,8 @@ class Generator:
             prompt = request.prompt or ""
         else:
             system = request.system if request.system is not None else request.entry.modelfile.system
-            if guide:
-                system = guided_system(system, request.format)
+            if guide is not None:
+                system = guided_system(system, guide)
             prompt = template.render_generate(
                 request.prompt or "", system, suffix=request.suffix, think=think
             )
@@ -403,7 +403,7 @@ class Generator:
 
     # -- running --------------------------------------------------------------------------------
 
-    async def run(self, request: GenerationRequest) -> AsyncIterator[Event]:
+    async def run(self, request: GenerationRequest) -> AsyncGenerator[Event, None]:
         started = time.perf_counter_ns()
         entry = request.entry
         options = layer_options(entry.modelfile.parameters, request.options)
@@ -572,7 +572,9 @@ def _with_logprobs(events: list[Event], logprobs: list[TokenLogprob] | None) -> 
         return events
     if not events:
         return [Content("", logprobs)]
-    return [replace(events[0], logprobs=logprobs), *events[1:]]
+    first = events[0]
+    assert not isinstance(first, Done)  # the parser's events never include Done
+    return [replace(first, logprobs=logprobs), *events[1:]]
 
 
 def _wrap(event: tuple[str, Any]) -> Event:

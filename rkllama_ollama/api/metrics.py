@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
+from aiohttp import typedefs, web
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -248,7 +248,7 @@ def request_id_of(request: web.Request) -> str:
     return sent if _CLIENT_REQUEST_ID.fullmatch(sent) else uuid.uuid4().hex[:16]
 
 
-def observe_middleware(metrics: Metrics) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def observe_middleware(metrics: Metrics) -> typedefs.Middleware:
     @web.middleware
     async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()

@@ -15,9 +15,13 @@ from rkllama_ollama.api.wire import BadRequest, field_of
 from rkllama_ollama.structured import Format, FormatError, check_format
 
 VALID_ROLES = ("system", "user", "assistant", "tool", "developer")
-DATA_URL_PREFIXES = ("data:image/png;base64,", "data:image/jpeg;base64,", "data:image/jpg;base64,")
+DATA_URL_PREFIXES: tuple[str, ...] = (
+    "data:image/png;base64,",
+    "data:image/jpeg;base64,",
+    "data:image/jpg;base64,",
+)
 DATA_URL_PREFIXES += ("data:image/webp;base64,", "data:;base64,")
-REASONING_EFFORTS = {
+REASONING_EFFORTS: dict[str, bool | str] = {
     "none": False,
     "minimal": "low",
     "low": "low",

@@ -18,7 +18,7 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable, Iterable
 
-from aiohttp import web
+from aiohttp import typedefs, web
 
 from rkllama_ollama.api import wire
 from rkllama_ollama.config import Settings
@@ -26,7 +26,7 @@ from rkllama_ollama.config import Settings
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
+Middleware = typedefs.Middleware  # a callable taking (request, handler) by those names
 
 _DEFAULT_HOSTS = ("localhost", "127.0.0.1", "0.0.0.0")
 DEFAULT_ORIGINS: tuple[str, ...] = (

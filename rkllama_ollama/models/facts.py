@@ -137,7 +137,7 @@ def gguf_facts(path: Path) -> dict[str, Any]:
     parameter_size = size_label if isinstance(size_label, str) and size_label else ""
     if not parameter_size and isinstance(parameter_count, int):
         parameter_size = format_parameter_count(parameter_count)
-    quantization = GGUF_FILE_TYPES.get(metadata.get("general.file_type", -1), "")  # type: ignore[arg-type]
+    quantization = GGUF_FILE_TYPES.get(metadata.get("general.file_type", -1), "")
     if not quantization:
         match = _GGUF_QUANT_RE.search(path.stem)
         quantization = match.group(1).upper() if match else ""

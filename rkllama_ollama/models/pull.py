@@ -33,7 +33,7 @@ import shutil
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -490,7 +490,7 @@ class Puller:
     def _endpoint(self) -> str:
         return (self.endpoint or os.environ.get("HF_ENDPOINT") or hf_constants.ENDPOINT).rstrip("/")
 
-    async def pull(self, text: str) -> AsyncIterator[PullProgress]:
+    async def pull(self, text: str) -> AsyncGenerator[PullProgress, None]:
         """Progress events of pulling `text`, ending with ``success``. Raises `PullError`.
 
         Closing the iterator (the client went away) cancels the pull unless another client waits on it.

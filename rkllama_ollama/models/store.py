@@ -27,6 +27,7 @@ All methods are synchronous (disk I/O): call them from a thread in async code.
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import hashlib
 import importlib.metadata
@@ -151,7 +152,7 @@ def _write_json_atomic(path: Path, data: Any) -> bool:
         return False
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
+def _link_or_copy(source: str | Path, target: str | Path) -> None:
     try:
         os.link(source, target)
     except OSError:
@@ -381,8 +382,8 @@ class Store:
 
     # --- manifests ----------------------------------------------------------------------------------
 
-    @staticmethod
-    def _facts_key(weights: Path, stat: os.stat_result, folder: Path | None) -> list[Any]:
+    @staticmethod  # (`builtins.list`: inside the class, `list` is Store.list)
+    def _facts_key(weights: Path, stat: os.stat_result, folder: Path | None) -> builtins.list[Any]:
         support = []
         for path in hf_support_files(folder) if folder is not None else []:
             try:

@@ -26,7 +26,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rkllama_ollama.runtime.base import (
     Cancel,
@@ -43,6 +43,9 @@ from rkllama_ollama.runtime.base import (
 )
 from rkllama_ollama.runtime.cpus import plan_threads, process_pinning
 from rkllama_ollama.runtime.grammar import answer_after_thinking
+
+if TYPE_CHECKING:
+    from llama_cpp import Llama
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +133,7 @@ class LlamaCppSession:
         n_batch = n_ctx if spec.embedding else min(n_ctx, 512)
         started = time.perf_counter()
         try:
-            self._llm = llama_cpp.Llama(
+            llm = llama_cpp.Llama(
                 model_path=model_path,
                 n_ctx=n_ctx,
                 n_batch=n_batch,
@@ -143,11 +146,12 @@ class LlamaCppSession:
             )
         except (ValueError, RuntimeError) as exc:
             raise RuntimeFailure(f"could not load the GGUF model {model_path}: {exc}") from exc
+        self._llm: Llama | None = llm  # None once closed: every use goes through _require_open()
         self._embedding = spec.embedding
         # llama.cpp pads its context to a multiple of 256; the binding's bookkeeping holds `n_ctx`.
-        self._n_ctx = min(n_ctx, int(self._llm.n_ctx()))
-        self._vocab = self._llm._model.vocab
-        self._add_bos = bool(self._llm._model.add_bos_token())
+        self._n_ctx = min(n_ctx, int(llm.n_ctx()))
+        self._vocab = llm._model.vocab
+        self._add_bos = bool(llm._model.add_bos_token())
         self._piece_cache: dict[int, bytes] = {}
         self._piece_buffer = ctypes.create_string_buffer(64)
         self.info = self._model_info(model_path)
@@ -166,16 +170,17 @@ class LlamaCppSession:
 
     def _model_info(self, model_path: str) -> ModelInfo:
         llama_cpp = self._llama_cpp
-        metadata = self._llm.metadata
-        bos, eos = self._llm.token_bos(), self._llm.token_eos()
+        llm = self._require_open()
+        metadata = llm.metadata
+        bos, eos = llm.token_bos(), llm.token_eos()
         return ModelInfo(
             context_length=self._n_ctx,
             chat_template=metadata.get("tokenizer.chat_template"),
             bos_token=self._token_text(bos) if bos >= 0 else "",
             eos_token=self._token_text(eos) if eos >= 0 else "",
             add_bos_token=self._add_bos,
-            embedding_length=int(self._llm.n_embd()),
-            memory_bytes=int(llama_cpp.llama_model_size(self._llm.model)) + self._kv_cache_bytes(metadata),
+            embedding_length=int(llm.n_embd()),
+            memory_bytes=int(llama_cpp.llama_model_size(llm.model)) + self._kv_cache_bytes(metadata),
         )
 
     def _token_text(self, token: int) -> str:
@@ -184,18 +189,19 @@ class LlamaCppSession:
 
     def _kv_cache_bytes(self, metadata: dict[str, str]) -> int:
         """Approximate size of the F16 KV cache for the whole context."""
-        llama_cpp, model = self._llama_cpp, self._llm.model
+        llama_cpp, llm = self._llama_cpp, self._require_open()
+        model = llm.model
         n_layer = int(llama_cpp.llama_model_n_layer(model))
         n_head = max(1, int(llama_cpp.llama_model_n_head(model)))
         n_head_kv = int(llama_cpp.llama_model_n_head_kv(model))
         arch = metadata.get("general.architecture", "")
-        head_dim_k = int(metadata.get(f"{arch}.attention.key_length", 0)) or self._llm.n_embd() // n_head
+        head_dim_k = int(metadata.get(f"{arch}.attention.key_length", 0)) or llm.n_embd() // n_head
         head_dim_v = int(metadata.get(f"{arch}.attention.value_length", 0)) or head_dim_k
         return n_layer * self._n_ctx * n_head_kv * (head_dim_k + head_dim_v) * _KV_BYTES_PER_VALUE
 
     # -- tokens ------------------------------------------------------------------------------
 
-    def _require_open(self) -> Any:
+    def _require_open(self) -> Llama:
         if self._llm is None:
             raise RuntimeFailure("the model has been unloaded")
         return self._llm
@@ -409,7 +415,7 @@ class LlamaCppSession:
             )
             if penalties and last_n > 0:
                 sampler.add_penalties(
-                    n_vocab=self._llm.n_vocab(),
+                    n_vocab=self._require_open().n_vocab(),
                     penalty_last_n=last_n,
                     penalty_repeat=options.repeat_penalty,
                     penalty_freq=options.frequency_penalty,
@@ -454,7 +460,7 @@ class LlamaCppSession:
                 # single token): the grammar then starts exactly at the tag. The pattern catches a tag
                 # spelled out in several tokens.
                 patterns = (ctypes.c_char_p * 1)(answer.trigger_pattern.encode("utf-8"))
-                tag_tokens = self._llm.tokenize(
+                tag_tokens = self._require_open().tokenize(
                     options.think_close.encode("utf-8"), add_bos=False, special=True
                 )
                 trigger = (llama_cpp.llama_token * 1)(*tag_tokens) if len(tag_tokens) == 1 else None

@@ -175,7 +175,7 @@ class _ChildRunner:
 
     def _handle(self, message: dict[str, Any]) -> None:
         op = message.get("op")
-        request_id = message.get("id")
+        request_id: Any = message.get("id")
         if op == "load":
             spec = LoadSpec.from_wire(message["spec"])
             started = time.perf_counter_ns()
