@@ -82,6 +82,22 @@ def test_show_has_model_info_and_parameters(client: ollama.Client, daemon: Daemo
     assert status == 200 and "model_info" in json.loads(body)
 
 
+def test_tags_details_carry_context_and_embedding_lengths(daemon: Daemon) -> None:
+    """Current Ollama lists `details.context_length` and `details.embedding_length` (omitted when 0)."""
+    raw = next(m for m in daemon.request("GET", "/api/tags").json()["models"] if m["model"] == "tiny:latest")
+    assert raw["details"]["context_length"] == 32768  # the tiny GGUF's trained context (no num_ctx set)
+    assert isinstance(raw["details"]["embedding_length"], int) and raw["details"]["embedding_length"] > 0
+
+
+def test_show_answers_copilot_with_the_name_it_asked_for(daemon: Daemon) -> None:
+    """Like Ollama: a GitHub Copilot Chat client gets the requested name as `general.basename`."""
+    agent = {"User-Agent": "GitHubCopilotChat/0.30.0"}
+    shown = daemon.request("POST", "/api/show", {"model": "Tiny:latest"}, headers=agent).json()
+    assert shown["model_info"]["general.basename"] == "Tiny:latest"
+    plain = daemon.request("POST", "/api/show", {"model": "Tiny:latest"}).json()
+    assert plain["model_info"].get("general.basename") != "Tiny:latest"
+
+
 def test_show_unknown_and_missing_model(daemon: Daemon) -> None:
     status, _, body = daemon.request("POST", "/api/show", {"model": "nope"})
     assert status == 404 and error_of(body) == "model 'nope:latest' not found"

@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 UPLOAD_CHUNK_BYTES = 1 << 20
 
 THINK_LEVELS = ("low", "medium", "high", "max")
+COPILOT_AGENT = "GitHubCopilotChat/"  # /api/show answers it with the model's name as general.basename
 
 
 # ------------------------------------------------------------------------------------------------
@@ -205,6 +206,13 @@ def tag_of(entry: ModelEntry) -> dict[str, Any]:
         "digest": entry.digest,
         "details": details_of(entry),
     }
+    # Like current Ollama: the context and embedding lengths in the listing's details, omitted when 0.
+    for key, value in (
+        ("context_length", entry.context_length),
+        ("embedding_length", entry.embedding_length),
+    ):
+        if value:
+            item["details"][key] = value
     if entry.capabilities:
         item["capabilities"] = list(entry.capabilities)
     return item
@@ -312,6 +320,8 @@ class OllamaApi:
             for k, v in entry.model_info.items()
             if k not in ("general.name", "tokenizer.chat_template")
         }
+        if request.headers.get("User-Agent", "").startswith(COPILOT_AGENT):  # shows the name it asked for
+            model_info["general.basename"] = name
         tensors: list[dict[str, Any]] | None = None
         if verbose and entry.format == "gguf":  # whole arrays and tensors: read from the file only now
             try:
