@@ -1,6 +1,6 @@
-"""The conformance checklist of shared/reference/ollama-api.md §6, where the other test files leave an
-item open or only partly covered: one test per item, named after it, against live daemons driven by the
-real `ollama`, `openai` and aiohttp clients.
+"""The conformance checklist of docs/ollama-conformance.md, where the other test files leave an
+item open or only partly covered: one test per item, named after it (each docstring starts with the
+item's number), against live daemons driven by the real `ollama`, `openai` and aiohttp clients.
 
 Models: `sys` and `ctx` are tiny random GGUFs (chatml template; `sys` has a Modelfile SYSTEM, `ctx` a
 Modelfile NUM_CTX); `plain`, `thinker`, `caller`, `broken` and `crash` are RKLLM simulator models whose
@@ -132,7 +132,7 @@ def expires_at(daemon: Daemon) -> dt.datetime:
 
 
 def test_item_03_tags_of_an_empty_store_is_an_empty_list(empty_daemon: Daemon) -> None:
-    """§6 #3: no models -> 200 JSON whose `models` is [] (never null, never missing)."""
+    """#3: no models -> 200 JSON whose `models` is [] (never null, never missing)."""
     reply = empty_daemon.request("GET", "/api/tags")
     assert (reply.status, reply.content_type, reply.json()) == (200, JSON_UTF8, {"models": []})
     assert ollama.Client(host=empty_daemon.url).list().models == []
@@ -143,7 +143,7 @@ NAMES += ["myhost/mynamespace/lips:code"]
 
 
 def test_item_05_names_list_as_given_in_shortest_form(live: Daemon) -> None:
-    """§6 #5: tags, namespaces and hosts list as given; the default host and namespace are left out."""
+    """#5: tags, namespaces and hosts list as given; the default host and namespace are left out."""
     for name in [*NAMES, "registry.ollama.ai/library/longhand:v1"]:
         assert post(live, "/api/copy", {"source": "sys", "destination": name}).status == 200
     listed = {m["name"]: m["model"] for m in live.request("GET", "/api/tags").json()["models"]}
@@ -153,7 +153,7 @@ def test_item_05_names_list_as_given_in_shortest_form(live: Daemon) -> None:
 
 
 def test_item_06_every_listed_model_has_the_full_entry(live: Daemon, client: ollama.Client) -> None:
-    """§6 #6: every entry (GGUF and .rkllm) has name, model, modified_at, size, a 64-hex digest, string
+    """#6: every entry (GGUF and .rkllm) has name, model, modified_at, size, a 64-hex digest, string
     details and `completion` in its capabilities; ollama-python parses the list."""
     models = live.request("GET", "/api/tags").json()["models"]
     assert {"sys:latest", "plain:latest", "caller:latest"} <= {m["model"] for m in models}
@@ -169,7 +169,7 @@ def test_item_06_every_listed_model_has_the_full_entry(live: Daemon, client: oll
 
 
 def test_item_07_tags_newest_first_and_v1_models_in_the_same_order(live: Daemon) -> None:
-    """§6 #7: /api/tags sorted by modified_at, newest first; /v1/models in the same order, id == model,
+    """#7: /api/tags sorted by modified_at, newest first; /v1/models in the same order, id == model,
     created == modified_at as unix seconds."""
     tags = live.request("GET", "/api/tags").json()["models"]
     times = [dt.datetime.fromisoformat(m["modified_at"]) for m in tags]
@@ -183,7 +183,7 @@ def test_item_07_tags_newest_first_and_v1_models_in_the_same_order(live: Daemon)
 
 
 def test_item_08_v1_models_shape_owner_and_empty_list(empty_daemon: Daemon, live: Daemon) -> None:
-    """§6 #8: application/json, {"object":"list","data":[...]}, owned_by the namespace (`library` when
+    """#8: application/json, {"object":"list","data":[...]}, owned_by the namespace (`library` when
     there is none); an empty store gives `data: []` (Ollama's null is the quirk not to copy)."""
     empty = empty_daemon.request("GET", "/v1/models")
     assert (empty.status, empty.content_type, empty.json()) == (
@@ -205,7 +205,7 @@ def test_item_08_v1_models_shape_owner_and_empty_list(empty_daemon: Daemon, live
 def test_item_11_show_parameters_one_line_per_value(
     live: Daemon, client: ollama.Client, tmp_path: Path
 ) -> None:
-    """§6 #11: Ollama's test model (seed 42, top_p 0.9, stop foo and bar) shows exactly these lines."""
+    """#11: Ollama's test model (seed 42, top_p 0.9, stop foo and bar) shows exactly these lines."""
     digest = client.create_blob(write_tiny_gguf(tmp_path / "show.gguf"))
     body = {
         "model": "show-model",
@@ -225,7 +225,7 @@ def test_item_11_show_parameters_one_line_per_value(
 
 
 def test_item_12_show_always_has_model_info(live: Daemon, client: ollama.Client) -> None:
-    """§6 #12: `model_info` is an object for every model, .rkllm ones included (ollama-python requires
+    """#12: `model_info` is an object for every model, .rkllm ones included (ollama-python requires
     the key); GGUF models name their `general.architecture`."""
     for name in ("sys", "plain", "caller"):
         shown = post(live, "/api/show", {"name": name}).json()
@@ -238,7 +238,7 @@ def test_item_12_show_always_has_model_info(live: Daemon, client: ollama.Client)
 
 
 def test_item_16_a_deleted_model_is_gone_from_tags_show_and_chat(live: Daemon) -> None:
-    """§6 #16: after delete (legacy `name`), tags, show, chat and generate all say the model is gone."""
+    """#16: after delete (legacy `name`), tags, show, chat and generate all say the model is gone."""
     assert post(live, "/api/copy", {"source": "sys", "destination": "gone"}).status == 200
     assert live.request("DELETE", "/api/delete", {"name": "gone"})[::2] == (200, b"")
     assert "gone:latest" not in {m["model"] for m in live.request("GET", "/api/tags").json()["models"]}
@@ -253,7 +253,7 @@ def test_item_16_a_deleted_model_is_gone_from_tags_show_and_chat(live: Daemon) -
 
 
 def test_item_18_create_with_differently_cased_names_is_one_model(live: Daemon) -> None:
-    """§6 #18: `Case-Model` then `CASE-MODEL` is one model (the second create replaces the first);
+    """#18: `Case-Model` then `CASE-MODEL` is one model (the second create replaces the first);
     copy with another case is tested in test_api_models."""
     for name, system in (("Case-Model", "first"), ("CASE-MODEL", "second")):
         body = {"model": name, "from": "sys", "system": system, "stream": False}
@@ -280,7 +280,7 @@ def pull_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 
 
 def test_item_20_pull_stream_false_is_the_last_status_alone(pull_daemon: Daemon) -> None:
-    """§6 #20: with stream:false only the last progress object comes back, `{"status":"success"}`,
+    """#20: with stream:false only the last progress object comes back, `{"status":"success"}`,
     labelled application/json (no charset, like Ollama); the streamed sequence is in test_pull_daemon."""
     reply = post(pull_daemon, "/api/pull", {"model": "hf.co/someone/Tiny-GGUF", "stream": False})
     assert (reply.status, reply.content_type, reply.json()) == (
@@ -294,7 +294,7 @@ def test_item_20_pull_stream_false_is_the_last_status_alone(pull_daemon: Daemon)
 
 
 def test_item_21_a_collapsed_pull_stream_keeps_the_error_and_its_status(pull_daemon: Daemon) -> None:
-    """§6 #21: stream:false turns a failure into its own status and `{"error": ...}` (the same text a
+    """#21: stream:false turns a failure into its own status and `{"error": ...}` (the same text a
     stream ends with); a success is 200 with the last object. Go's "unknown message type" cannot happen."""
     missing = post(pull_daemon, "/api/pull", {"model": "hf.co/someone/Nothing-GGUF", "stream": False})
     assert (missing.status, missing.json()) == (404, {"error": "pull model manifest: file does not exist"})
@@ -317,14 +317,14 @@ def test_item_21_a_collapsed_pull_stream_keeps_the_error_and_its_status(pull_dae
 def test_items_22_23_a_body_without_a_model(
     live: Daemon, raw: bytes, path: str, status: int, error: str
 ) -> None:
-    """§6 #22: chat is 400 `model is required`; #23: generate is Ollama's quirky 404 — exact bodies."""
+    """#22: chat is 400 `model is required`; #23: generate is Ollama's quirky 404 — exact bodies."""
     reply = live.request("POST", path, raw=raw)
     assert (reply.status, reply.content_type, reply.json()) == (status, JSON_UTF8, {"error": error})
 
 
 @pytest.mark.parametrize("path", ["/api/chat", "/api/generate"])
 def test_item_24_think_on_a_model_without_thinking(live: Daemon, path: str) -> None:
-    """§6 #24: think:true is 400 naming the model as sent; think:false is served."""
+    """#24: think:true is 400 naming the model as sent; think:false is served."""
     body = {"model": "sys", "messages": HI, "prompt": "hi", "stream": False, "options": GREEDY_ONE}
     refused = post(live, path, {**body, "think": True})
     assert (refused.status, refused.json()) == (400, {"error": '"sys" does not support thinking'})
@@ -333,7 +333,7 @@ def test_item_24_think_on_a_model_without_thinking(live: Daemon, path: str) -> N
 
 
 def test_item_26_suffix_on_a_model_without_insert(live: Daemon) -> None:
-    """§6 #26: 400 `<full name> does not support insert`, exact body."""
+    """#26: 400 `<full name> does not support insert`, exact body."""
     reply = post(live, "/api/generate", {"model": "sys", "prompt": "def f(", "suffix": "return 1"})
     assert (reply.status, reply.json()) == (
         400,
@@ -353,7 +353,7 @@ def test_item_26_suffix_on_a_model_without_insert(live: Daemon) -> None:
 def test_item_27_load_only_is_one_json_object_even_when_streaming(
     live: Daemon, path: str, body: dict[str, Any], empty: dict[str, Any]
 ) -> None:
-    """§6 #27: no messages / no prompt, `stream` left at its default (true): one JSON object, the model
+    """#27: no messages / no prompt, `stream` left at its default (true): one JSON object, the model
     echoed as sent, done:true, done_reason "load"."""
     reply = post(live, path, {"model": "SYS:latest", **body})
     assert (reply.status, reply.content_type) == (200, JSON_UTF8)
@@ -365,7 +365,7 @@ def test_item_27_load_only_is_one_json_object_even_when_streaming(
 
 @pytest.mark.parametrize("path", ["/api/chat", "/api/generate"])
 def test_item_28_unload_does_not_load_the_model(live: Daemon, path: str) -> None:
-    """§6 #28: keep_alive 0 with nothing to generate answers done_reason "unload" without loading."""
+    """#28: keep_alive 0 with nothing to generate answers done_reason "unload" without loading."""
     unload_everything(live)
     loads_before = live.log().count("loaded model=sys:latest")
     reply = post(live, path, {"model": "sys", "keep_alive": 0})
@@ -377,7 +377,7 @@ def test_item_28_unload_does_not_load_the_model(live: Daemon, path: str) -> None
 
 
 def test_item_29_chat_not_streamed_is_one_complete_object(live: Daemon) -> None:
-    """§6 #29: model echoed, done_reason "stop", message exactly {role, content}, six metrics > 0."""
+    """#29: model echoed, done_reason "stop", message exactly {role, content}, six metrics > 0."""
     reply = post(live, "/api/chat", {"model": "plain", "messages": HI, "stream": False})
     assert (reply.status, reply.content_type) == (200, JSON_UTF8)
     got = reply.json()
@@ -388,7 +388,7 @@ def test_item_29_chat_not_streamed_is_one_complete_object(live: Daemon) -> None:
 
 
 def test_item_30_generate_not_streamed_is_one_complete_object(live: Daemon) -> None:
-    """§6 #30: as #29, with `response` the full text and a non-empty `context` of token ids."""
+    """#30: as #29, with `response` the full text and a non-empty `context` of token ids."""
     got = post(live, "/api/generate", {"model": "plain", "prompt": "hi", "stream": False}).json()
     assert (got["model"], got["done"], got["done_reason"], got["response"]) == ("plain", True, "stop", PLAIN)
     assert got["context"] and all(isinstance(token, int) for token in got["context"])
@@ -402,10 +402,10 @@ def rendered_exactly(client: ollama.Client, text: str) -> bool:
 
 
 def test_item_31_prompt_assembly(client: ollama.Client) -> None:
-    """§6 #31: the Modelfile system prompt when the request has none; a request system (chat's first
+    """#31: the Modelfile system prompt when the request has none; a request system (chat's first
     message, generate's `system`) replaces it; interleaved system turns stay in order; raw is verbatim
-    (proven by the raw replays themselves). The request `template` override is not honoured: §3.6 lets
-    a Python clone ignore Go templates, and this project does (see the report)."""
+    (proven by the raw replays themselves). The request `template` override is not honoured: it is a Go
+    template, which a Python clone may ignore, and this project does (docs/ollama-parity.md)."""
     client.chat("sys", messages=HI, options=GREEDY_ONE)
     assert rendered_exactly(client, chatml(("system", "You are terse."), ("user", "hi")))
     client.chat("sys", messages=[{"role": "system", "content": "Be loud."}, *HI], options=GREEDY_ONE)
@@ -428,7 +428,7 @@ def test_item_31_prompt_assembly(client: ollama.Client) -> None:
 
 
 def test_item_32_roles_are_lower_cased(client: ollama.Client) -> None:
-    """§6 #32: `SYSTEM`, `USER`, `ASSISTANT`, `TOOl` reach the template as lower-case roles."""
+    """#32: `SYSTEM`, `USER`, `ASSISTANT`, `TOOl` reach the template as lower-case roles."""
     messages = [
         {"role": "SYSTEM", "content": "s"},
         {"role": "USER", "content": "weather?"},
@@ -443,7 +443,7 @@ def test_item_32_roles_are_lower_cased(client: ollama.Client) -> None:
 
 
 def test_item_33_keep_alive_parsing(live: Daemon, client: ollama.Client) -> None:
-    """§6 #33: 42 -> 42 s, 42.5 -> 42.5 s, "42m" -> 42 min, negative number or duration -> forever,
+    """#33: 42 -> 42 s, 42.5 -> 42.5 s, "42m" -> 42 min, negative number or duration -> forever,
     unset at load -> the server default (5m); a bare numeric string is a 400."""
     assert parse_keep_alive(42) == 42.0 and parse_keep_alive(42.5) == 42.5
     assert parse_keep_alive("42m") == 2520.0 and parse_keep_alive("1h30m") == 5400.0
@@ -465,7 +465,7 @@ def test_item_33_keep_alive_parsing(live: Daemon, client: ollama.Client) -> None
 
 @pytest.mark.parametrize("think", [True, False, "low", "medium", "high", "max"])
 def test_item_34_think_values_accepted(live: Daemon, think: bool | str) -> None:
-    """§6 #34: true/false and the four levels are accepted on a thinking model (with false, the scripted
+    """#34: true/false and the four levels are accepted on a thinking model (with false, the scripted
     model's own <think> block is left in the content: nothing asked for a split)."""
     reply = post(live, "/api/chat", {"model": "thinker", "messages": HI, "think": think, "stream": False})
     assert reply.status == 200, reply.body
@@ -477,7 +477,7 @@ def test_item_34_think_values_accepted(live: Daemon, think: bool | str) -> None:
 
 
 def test_item_34_think_other_strings_and_unset(live: Daemon) -> None:
-    """§6 #34: any other string is a 400 with Ollama's text; unset on a thinking model means on."""
+    """#34: any other string is a 400 with Ollama's text; unset on a thinking model means on."""
     reply = post(live, "/api/chat", {"model": "thinker", "messages": HI, "think": "x"})
     assert (reply.status, reply.json()) == (
         400,
@@ -492,7 +492,7 @@ def test_item_34_think_other_strings_and_unset(live: Daemon) -> None:
 
 
 def test_item_35_unknown_options_and_num_ctx_precedence(live: Daemon, daemon: Daemon) -> None:
-    """§6 #35: removed and unknown option keys are ignored; num_ctx is request > Modelfile > environment
+    """#35: removed and unknown option keys are ignored; num_ctx is request > Modelfile > environment
     (RKLLAMA_CONTEXT_LENGTH=2048 here) > default (4096, the session daemon without the variable)."""
     stale = {"mirostat": 1, "mirostat_eta": 0.1, "tfs_z": 1.0, "penalize_newline": True, "numa": "x"}
     reply = post(live, "/api/generate", {"model": "sys", "prompt": "hi", "stream": False, "options": stale})
@@ -511,9 +511,9 @@ def test_item_35_unknown_options_and_num_ctx_precedence(live: Daemon, daemon: Da
 
 
 def test_item_37_streamed_tool_call_is_whole_with_a_call_id(live: Daemon) -> None:
-    """§6 #37: streamed byte by byte, exactly one complete call comes out, with a `call_` id, index 0
+    """#37: streamed byte by byte, exactly one complete call comes out, with a `call_` id, index 0
     and object arguments; no raw tool-call text leaks into content. The call rides on a done:false chunk
-    followed by the final chunk (Ollama's documented shape; §2.7: clients accept both)."""
+    followed by the final chunk (Ollama's documented shape; clients accept both)."""
     body = {"model": "caller", "messages": HI, "tools": [WEATHER_TOOL], "think": False}
     reply = post(live, "/api/chat", body)
     assert (reply.status, reply.content_type) == (200, "application/x-ndjson")
@@ -532,7 +532,7 @@ def test_item_37_streamed_tool_call_is_whole_with_a_call_id(live: Daemon) -> Non
 
 
 def test_item_39_an_error_before_any_output_keeps_its_status_streamed_or_not(live: Daemon) -> None:
-    """§6 #39: a load failure is the same status and the same single JSON error body whether the request
+    """#39: a load failure is the same status and the same single JSON error body whether the request
     streams or not (nothing was written before it). Mid-stream errors: test_reliability (runner killed)."""
     streamed = post(live, "/api/chat", {"model": "broken", "messages": HI})
     whole = post(live, "/api/chat", {"model": "broken", "messages": HI, "stream": False})
@@ -543,7 +543,7 @@ def test_item_39_an_error_before_any_output_keeps_its_status_streamed_or_not(liv
 
 
 def test_item_40_a_model_failure_mid_generation_answers_and_does_not_hang(live: Daemon) -> None:
-    """§6 #40: the runtime crashes after a few tokens; stream:false answers a 500 JSON error (not a hang),
+    """#40: the runtime crashes after a few tokens; stream:false answers a 500 JSON error (not a hang),
     the stream ends with an error line; the daemon serves on. Disconnects: test_reliability."""
     whole = post(live, "/api/chat", {"model": "crash", "messages": HI, "stream": False})
     assert (whole.status, whole.content_type) == (500, JSON_UTF8)
@@ -558,7 +558,7 @@ def test_item_40_a_model_failure_mid_generation_answers_and_does_not_hang(live: 
 
 
 def test_item_43_openai_chat_options_and_response_format(live: Daemon) -> None:
-    """§6 #43: max_tokens -> num_predict, seed, stop, temperature and top_p (1.0 when absent, overriding the
+    """#43: max_tokens -> num_predict, seed, stop, temperature and top_p (1.0 when absent, overriding the
     Modelfile's 0.7), penalties; json_object -> format "json", which constrains the answer."""
     full = {
         "max_tokens": 7,
@@ -614,7 +614,7 @@ async def _aiohttp_lines(url: str, body: dict[str, Any]) -> list[bytes]:
 def test_item_47_ndjson_lines_for_aiohttp_line_iteration(
     live: Daemon, path: str, body: dict[str, Any]
 ) -> None:
-    """§6 #47: read with aiohttp's line iteration (Open WebUI's proxy): every line ends in \\n, is one
+    """#47: read with aiohttp's line iteration (Open WebUI's proxy): every line ends in \\n, is one
     JSON object, none is blank and none is near aiohttp's limits (128 KiB for older versions)."""
     lines = asyncio.run(_aiohttp_lines(live.url + path, body))
     assert len(lines) > 2
@@ -650,7 +650,7 @@ async def _aiohttp_json_replies(base: str) -> list[tuple[str, int, Any]]:
 
 
 def test_item_48_every_single_json_reply_parses_with_aiohttp_json(live: Daemon) -> None:
-    """§6 #48: aiohttp's `response.json()` (Open WebUI, LangChain tools) accepts every non-streamed reply,
+    """#48: aiohttp's `response.json()` (Open WebUI, LangChain tools) accepts every non-streamed reply,
     load and unload included: they are labelled application/json."""
     replies = asyncio.run(_aiohttp_json_replies(live.url))
     statuses = [status for _, status, _ in replies]
@@ -660,7 +660,7 @@ def test_item_48_every_single_json_reply_parses_with_aiohttp_json(live: Daemon) 
 
 
 def test_item_50_a_body_of_several_mib_is_accepted(live: Daemon) -> None:
-    """§6 #50: a 5 MiB body (Open WebUI's base64 images, or here an ignored extra field) is read, not 413."""
+    """#50: a 5 MiB body (Open WebUI's base64 images, or here an ignored extra field) is read, not 413."""
     body = {"model": "sys", "messages": [], "metadata": {"blob": "A" * (5 << 20)}}
     reply = post(live, "/api/chat", body)
     assert (reply.status, reply.json()["done_reason"]) == (200, "load")

@@ -335,7 +335,8 @@ FIM_TEMPLATE = (
 
 
 def test_suffix_renders_fill_in_the_middle_on_an_insert_model(tmp_path: Path) -> None:
-    """§3.6: a FIM template renders `<PRE> def add( <SUF>    return c <MID>` from prompt + suffix."""
+    """Ollama's FIM example: the template renders `<PRE> def add( <SUF>    return c <MID>` from prompt and
+    suffix."""
     (tmp_path / "models" / "fim").mkdir(parents=True)
     write_tiny_gguf(tmp_path / "models" / "fim" / "fim.gguf", chat_template=FIM_TEMPLATE)
     (tmp_path / "models" / "fim" / "Modelfile").write_text('FROM="fim.gguf"\n')

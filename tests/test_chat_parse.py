@@ -118,7 +118,8 @@ def reference_thinking(text: str, start_in_thinking: bool) -> list[tuple[str, st
 
 
 def test_checklist_41_template_ending_in_think() -> None:
-    """ollama-api.md §6 #41: prompt ends in <think>, output " x </think> y" -> thinking "x ", content "y"."""
+    """Checklist #41 (docs/ollama-conformance.md): prompt ends in <think>, output " x </think> y" ->
+    thinking "x ", content "y"."""
     splitter = ThinkingSplitter(start_in_thinking=True)
     assert normalise(splitter.feed(" x </think> y") + splitter.flush()) == [(THINKING, "x "), (CONTENT, "y")]
 

@@ -19,7 +19,8 @@ STEPS = 20
 
 
 def pull_events() -> list[dict[str, Any]]:
-    """Ollama's sequence (reference §2.10): manifest, one layer's progress, verify, manifest, success."""
+    """Ollama's sequence (checklist #20, docs/ollama-conformance.md): manifest, one layer's progress,
+    verify, manifest, success."""
     layer = {"status": "pulling 6a0746a1ec1a", "digest": DIGEST, "total": TOTAL}
     events: list[dict[str, Any]] = [{"status": "pulling manifest"}, dict(layer)]  # no `completed` at 0
     events += [{**layer, "completed": TOTAL * step // STEPS} for step in range(1, STEPS + 1)]

@@ -1,5 +1,6 @@
-"""How a piece's logprobs ride on the events the output parser makes of its text (checklist #38: the
-count is preserved even while the text is held back, e.g. a tool call being buffered)."""
+"""How a piece's logprobs ride on the events the output parser makes of its text (checklist #38 of
+docs/ollama-conformance.md: the count is preserved even while the text is held back, e.g. a tool call
+being buffered)."""
 
 from __future__ import annotations
 

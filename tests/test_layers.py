@@ -1,5 +1,5 @@
-"""The layer map of DESIGN.md, enforced: a module imports only its own layer and the layers below it,
-and the server process never loads an engine (llama.cpp, the RKLLM ctypes binding, tokenizers)."""
+"""The layer map of docs/architecture.md, enforced: a module imports only its own layer and the layers
+below it, and the server process never loads an engine (llama.cpp, the RKLLM ctypes binding, tokenizers)."""
 
 from __future__ import annotations
 

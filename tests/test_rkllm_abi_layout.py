@@ -13,7 +13,7 @@ from tests.rkllm_support.sim import NATIVE
 
 pytestmark = pytest.mark.skipif(ctypes.sizeof(ctypes.c_void_p) != 8, reason="reference tables are LP64")
 
-# Transcribed from shared/reference/rkllm-runtime-abi.md section 4.3 (LP64).
+# The vendor headers of each release compiled for LP64 and read back (docs/rkllm-runtime.md, "Layouts").
 # One line per struct: "<struct> <sizeof>: <field> <offset>, ...". Nested members as "outer.inner".
 _SHARED_C_TO_F = """
 RKLLMLoraAdapter 24: lora_adapter_path 0, lora_adapter_name 8, scale 16

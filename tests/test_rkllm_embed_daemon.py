@@ -330,7 +330,7 @@ def test_chat_after_hidden_layer_runs_feeds_the_whole_prompt_then_reuses_its_pre
     ("path", "body", "error"),
     [
         ("/api/chat", {"messages": [{"role": "user", "content": "hi"}]}, '"emb" does not support chat'),
-        ("/api/chat", {}, '"emb" does not support chat'),  # load-only too (reference checklist #25)
+        ("/api/chat", {}, '"emb" does not support chat'),  # load-only too (conformance #25)
         ("/api/generate", {"prompt": "hi"}, '"emb" does not support generate'),
     ],
 )

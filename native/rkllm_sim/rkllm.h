@@ -7,8 +7,8 @@
  *   RKLLM_SIM_FAMILY_E  1.2.1 - 1.2.3
  *   RKLLM_SIM_FAMILY_F  1.3.0
  *
- * Field order and types follow shared/reference/rkllm-runtime-abi.md section 4.3 (LP64 tables).
- * Written from those tables; this is not the vendor header.
+ * Field order and types follow the per-release layouts of the vendor headers (LP64), summarised in
+ * docs/rkllm-runtime.md. Written from those layouts; this is not the vendor header.
  */
 #ifndef RKLLM_SIM_RKLLM_H
 #define RKLLM_SIM_RKLLM_H

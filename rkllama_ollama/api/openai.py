@@ -1,6 +1,6 @@
 """OpenAI's API (`/v1/*`): wire format only; the work is done by the store and the Generator.
 
-Shapes follow Ollama's compatibility layer (reference/ollama-api.md §2.16): SSE streams with the role in
+Shapes follow Ollama's compatibility layer (docs/ollama-conformance.md #43-46): SSE streams with the role in
 the first delta only, one shared `id` and `created`, a finish chunk with an empty delta, an optional
 usage chunk, then `data: [DONE]`; errors in OpenAI's envelope (the app's middleware and `_error`).
 """

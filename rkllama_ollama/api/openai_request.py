@@ -1,6 +1,6 @@
 """OpenAI `/v1` request bodies -> the daemon's own inputs (messages, options, format, think).
 
-Facts and error texts follow Ollama's OpenAI compatibility layer (reference/ollama-api.md §2.16).
+Facts and error texts follow Ollama's OpenAI compatibility layer (docs/ollama-conformance.md #43-46).
 Every problem is a BadRequest (400 in the OpenAI envelope) naming the field.
 """
 

@@ -4,8 +4,8 @@ The data lives in ``modelfiles/`` at the project root, which a wheel installs as
 ``<prefix>/share/rkllama-ollama/modelfiles`` (``RKLLAMA_CATALOGUE`` overrides the folder):
 ``index.json`` maps ``{"models": {short name: {soc: {repo, file, toolkit, max_context, modelfile, ...}}}}``
 and each entry's Modelfile (seed format) carries ``FROM``, ``HUGGINGFACE_PATH``, ``NUM_CTX`` and the
-recommended sampling defaults. Only conversions whose file name was seen in a Hub listing
-(confidence A in ``reference/rkllm-model-catalogue.md``) are listed.
+recommended sampling defaults. Only conversions whose file name was seen in a Hub listing are listed
+(never a file name guessed from a naming pattern).
 
 The board's SoC comes from ``/proc/device-tree/compatible`` (``rockchip,rk3588`` ...); ``RKLLAMA_SOC``
 overrides it. ``rk3588s`` is an RK3588 for the runtime.

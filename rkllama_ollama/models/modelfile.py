@@ -31,7 +31,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-# Ollama's current options and their types (reference ollama-api.md §3.1): the one table, also used to
+# Ollama's current options and their types: the one table, also used to
 # validate request `options` (rkllama_ollama/options.py). Removed keys (numa, low_vram, mirostat, ...)
 # are deliberately absent: clients still send them and they must be ignored, not type-checked.
 INT_OPTIONS = frozenset(
@@ -153,7 +153,7 @@ class Modelfile:
 
 
 def convert_option(option: str, raw: str, line: int) -> Any:
-    """Convert the text of a known option to its type (§3.1). Raises ModelfileError."""
+    """Convert the text of a known option to its type. Raises ModelfileError."""
     text = raw.strip()
     try:
         if option in INT_OPTIONS:

@@ -5,7 +5,8 @@ the control tokens `<unk>`, `<s>`, `</s>`, `<|im_start|>`, `<|im_end|>`, the 256
 tokens (without them an out-of-vocabulary character kills the process inside llama.cpp), then a few
 hundred plain word pieces. EOS is `<|im_end|>`, BOS is `<s>`. The output is deterministic for a seed.
 
-Facts (required keys, tensor names and shapes) come from shared/reference/cpu-engine.md.
+The keys, tensor names and shapes are the ones llama.cpp's `llama` loader requires; the tests load the
+file with llama-cpp-python, which refuses a file that lacks any of them.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """ctypes layouts and function signatures of the RKLLM C API, one set per ABI family.
 
-Facts from shared/reference/rkllm-runtime-abi.md (sections 2-4, 8). Every family's structs come
-from the one builder `_build_layout`; the branch points of section 8.2 are the only `if`s in it.
+The families and the facts behind them are in docs/rkllm-runtime.md. Every family's structs come from
+the one builder `_build_layout`; the differences between families are the only `if`s in it.
 Pointer-sized members use ctypes' native pointer types, so the same code also gives the armhf
 layouts on a 32-bit ARM interpreter.
 """

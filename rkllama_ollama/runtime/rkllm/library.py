@@ -1,10 +1,10 @@
 """Find librkllmrt.so, tell which ABI family it is, and open it with that family's signatures.
 
-Detection (reference section 8.3): exported symbols tell 1.0.x / C / D / E-or-F apart; the exact
-version comes from the `rkllm-runtime version: X` line that rkllm_init prints before it opens the
-model. That probe runs in a throw-away child process (a wrong layout may crash it) and always passes
-a model path that does not exist: the banner precedes model loading, so no model is needed and no
-NPU memory is used. `RKLLAMA_RKLLM_VERSION` overrides the probe.
+Detection (docs/rkllm-runtime.md, "Telling the release"): exported symbols tell 1.0.x / C / D /
+E-or-F apart; the exact version comes from the `rkllm-runtime version: X` line that rkllm_init prints
+before it opens the model. That probe runs in a throw-away child process (a wrong layout may crash
+it) and always passes a model path that does not exist: the banner precedes model loading, so no model
+is needed and no NPU memory is used. `RKLLAMA_RKLLM_VERSION` overrides the probe.
 
 This module loads the vendor library into the current process; call it only inside the runner
 child process, never in the daemon.
@@ -46,7 +46,7 @@ _VERSION_FAMILIES: dict[str, Family] = {
 
 
 class SymbolClass:
-    """What the exported symbols alone can tell (reference section 2.4)."""
+    """What the exported symbols alone can tell (docs/rkllm-runtime.md, "Telling the release")."""
 
     PRE_1_1 = "1.0.x"
     C = "C"
