@@ -195,3 +195,10 @@ def test_any_body_parses_or_is_a_bad_request(body: dict[str, Any]) -> None:
         return
     assert any(m["role"] != "system" for m in parsed.messages)
     assert all(isinstance(m["content"], str) for m in parsed.messages)
+
+
+def test_a_text_field_that_is_not_an_object_is_a_bad_request() -> None:
+    """Found by the property below: `text` is checked before the response echoes it."""
+    with pytest.raises(BadRequest) as caught:
+        parse_request({"model": "m", "input": "0", "text": 1})
+    assert caught.value.message == '"text" must be an object'

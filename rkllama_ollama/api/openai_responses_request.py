@@ -10,6 +10,7 @@ Every problem is a BadRequest (400 in OpenAI's envelope) naming the field or the
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,11 @@ class ResponsesRequest:
     echo: dict[str, Any]  # request fields the response object repeats (instructions, tools, ...)
 
 
+def _json_text(value: Any) -> str:
+    """A value as JSON in an error message (any Python value a body can hold, big integers included)."""
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
 def _text_of(content: Any, where: str) -> tuple[str, list[str]]:
     """Text and base64 images of a message's content (the field at `where`): a string or an array of
     content parts."""
@@ -64,7 +70,7 @@ def _text_of(content: Any, where: str) -> tuple[str, list[str]]:
         elif kind == "input_file":
             raise BadRequest(f"{where}[{index}]: file inputs are not supported")
         else:
-            raise BadRequest(f"{where}[{index}]: unknown content type: {orjson.dumps(kind).decode()}")
+            raise BadRequest(f"{where}[{index}]: unknown content type: {_json_text(kind)}")
     return "".join(texts), images
 
 
@@ -164,7 +170,7 @@ def messages_of(body: dict[str, Any]) -> list[dict[str, Any]]:
         elif kind is None:
             raise BadRequest(f"{where} needs a 'type' (or a 'role' for a message)")
         else:
-            raise BadRequest(f"{where}: unknown input item type: {orjson.dumps(kind).decode()}")
+            raise BadRequest(f"{where}: unknown input item type: {_json_text(kind)}")
     if thinking:
         messages.append({"role": "assistant", "content": "", "thinking": thinking})
     if not any(m["role"] != "system" for m in messages):
@@ -184,7 +190,7 @@ def tools_of(body: dict[str, Any]) -> list[dict[str, Any]] | None:
             raise BadRequest(f"tools[{index}] must be an object")
         if tool.get("type") != "function":
             raise BadRequest(
-                f"tools[{index}]: unsupported tool type {orjson.dumps(tool.get('type')).decode()} "
+                f"tools[{index}]: unsupported tool type {_json_text(tool.get('type'))} "
                 '(only "function" tools are supported)'
             )
         name = tool.get("name")
@@ -245,7 +251,7 @@ def format_of(body: dict[str, Any]) -> Format | None:
         raise BadRequest(str(exc)) from None
     if kind == "text":
         return None
-    raise BadRequest(f'invalid "text.format" type: {orjson.dumps(kind).decode()}')
+    raise BadRequest(f'invalid "text.format" type: {_json_text(kind)}')
 
 
 def parse_request(body: dict[str, Any]) -> ResponsesRequest:
@@ -262,6 +268,7 @@ def parse_request(body: dict[str, Any]) -> ResponsesRequest:
     messages = messages_of(body)
     tools = tools_of(body)
     options = options_of(body)
+    fmt = format_of(body)  # checks `text` before it is echoed
     echo = {
         "instructions": body.get("instructions") or None,
         "tools": [tool for tool in body.get("tools") or []],
@@ -282,7 +289,7 @@ def parse_request(body: dict[str, Any]) -> ResponsesRequest:
         tools=tools,
         options=options,
         think=think_of(body),
-        format=format_of(body),
+        format=fmt,
         stream=stream,
         echo=echo,
     )
