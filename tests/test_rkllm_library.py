@@ -83,7 +83,7 @@ def test_without_a_version_literal_the_banner_tells(tmp_path: Path, letter: str)
 def test_no_literal_and_no_device_names_the_device_and_its_fix(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """1.2.0+ print no banner when the NPU cannot be opened: the error is about the device, not the version."""
+    """1.2.0+ print no banner without the NPU: the error is about the device, not the version."""
     lib = _compile_sim(tmp_path, "E", "1.2.1", hide_version=True)
     monkeypatch.setenv("RKLLM_SIM_NPU", "absent")
     with pytest.raises(RkllmLibraryError) as info:
