@@ -180,7 +180,8 @@ def device_access_fix(root: Path = ROOT) -> str:
         return (
             "no NPU device node exists (/dev/rknpu or a /dev/dri/renderD* node of the rknpu driver): "
             "boot a Rockchip vendor kernel (5.10/6.1) with the RKNPU driver built in or loaded "
-            f"(modprobe rknpu); {driver}, {need}"
+            f"(modprobe rknpu), then give {user_name()} access to the node (its group, usually "
+            f"'render' or 'video': sudo usermod -aG render {user_name()}); {driver}, {need}"
         )
     blocked = [node for node in nodes if not node.accessible]
     if blocked and len(blocked) == len(nodes):
