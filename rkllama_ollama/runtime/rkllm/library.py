@@ -358,3 +358,30 @@ def open_library(path: str | None = None, environ: dict[str, str] | None = None)
     layout = layout_for(identity.family)
     declare_functions(cdll, layout)
     return RkllmLibrary(identity=identity, cdll=cdll, layout=layout)
+
+
+def _identify_main(argv: list[str]) -> int:
+    """`python -m rkllama_ollama.runtime.rkllm.library PATH`: the identity as one JSON line (for callers
+    that must not load the vendor library into their own process, like `rkllama-ollama doctor`)."""
+    import json
+
+    try:
+        identity = identify(argv[0])
+    except RkllmLibraryError as exc:
+        print(json.dumps({"error": str(exc)}))
+        return 1
+    print(
+        json.dumps(
+            {
+                "path": identity.path,
+                "version": identity.version,
+                "family": identity.family.name,
+                "source": identity.source,
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_identify_main(sys.argv[1:]))

@@ -178,10 +178,10 @@ def device_access_fix(root: Path = ROOT) -> str:
     need = f"the runtimes need {DRIVER_RECOMMENDED} (at least {DRIVER_MINIMUM})"
     if not nodes:
         return (
-            "no NPU device node exists (/dev/rknpu or a /dev/dri/renderD* node of the rknpu driver): "
-            "boot a Rockchip vendor kernel (5.10/6.1) with the RKNPU driver built in or loaded "
-            f"(modprobe rknpu), then give {user_name()} access to the node (its group, usually "
-            f"'render' or 'video': sudo usermod -aG render {user_name()}); {driver}, {need}"
+            "load the RKNPU driver (a Rockchip vendor kernel 5.10/6.1 with rknpu built in; modprobe rknpu) "
+            "so that /dev/rknpu or a /dev/dri/renderD* node of the rknpu driver appears (there is none), "
+            f"then give {user_name()} access to it (its group, usually 'render' or 'video': "
+            f"sudo usermod -aG render {user_name()}); {driver}, {need}"
         )
     blocked = [node for node in nodes if not node.accessible]
     if blocked and len(blocked) == len(nodes):
