@@ -409,7 +409,10 @@ def check_model(
         )
     else:
         limit = f" (converted for up to {origin.max_context})" if origin.max_context else ""
-        report.add(Level.OK, topic, f"context {num_ctx or 'default'} tokens{limit}")
+        asked = (
+            f"context {num_ctx} tokens" if num_ctx else "context: no NUM_CTX, the request's num_ctx applies"
+        )
+        report.add(Level.OK, topic, asked + limit)
     repo = entry.modelfile.huggingface_path
     if entry.tokenizer_dir is not None and entry.chat_template:
         report.add(Level.OK, topic, f"tokenizer and chat template in {entry.tokenizer_dir}")
