@@ -145,8 +145,8 @@ def model_origin(weights: Path, catalogue: Catalogue | None) -> ModelOrigin:
     if platform is None and named["platform"]:
         platform = _soc_name(named["platform"])
         sources.append("file name")
-    if toolkit is None and (m := _NAME_TOOLKIT.search(weights.name)) is not None:
-        toolkit = m.group(1) or m.group(2)
+    if toolkit is None and (in_name := _NAME_TOOLKIT.search(weights.name)) is not None:
+        toolkit = in_name.group(1) or in_name.group(2)
         sources.append("file name")
     if catalogue is not None and (platform is None or toolkit is None or not max_context):
         for name in catalogue.names():

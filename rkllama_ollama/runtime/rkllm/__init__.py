@@ -8,5 +8,6 @@ params.py   Modelfile / Ollama options -> RKLLMParam values
 tokens.py   prompt tokenisation and chat-template facts of a tokenizer folder
 session.py  RkllmRuntime.load(spec) -> RkllmSession (runtime/base.py Session)
 
-Nothing here is imported by the daemon process; the runner child imports session.py.
+The daemon process never loads the vendor library: the runner child imports session.py; the daemon
+imports only the pure-Python startup.py and npu.py (to explain a runner that crashed while loading).
 """

@@ -212,7 +212,7 @@ class RkllmSession:
                 log.error("rkllm_init returned 0 but the runtime reported a failure: not using the handle")
             raise RuntimeFailure(
                 f"could not load {self._spec.model_path} with the RKLLM runtime {self._version}: "
-                + self._init_failure_detail(rc, handle.value, problem, output)
+                + self._init_failure_detail(rc, problem, output)
             )
         if problem is not None:
             log.warning("RKLLM runtime start-up: %s", problem.message())
@@ -232,9 +232,7 @@ class RkllmSession:
         self._loaded_sampling = sampling
 
     @staticmethod
-    def _init_failure_detail(
-        rc: int, handle: int | None, problem: StartupProblem | None, output: list[str]
-    ) -> str:
+    def _init_failure_detail(rc: int, problem: StartupProblem | None, output: list[str]) -> str:
         if problem is not None and problem.fatal:
             return problem.message()
         errors = error_lines(output)
