@@ -27,7 +27,8 @@ from rkllama_ollama.models.catalogue import Catalogue, load_catalogue
 from rkllama_ollama.models.facts import guess_rkllm_name_facts
 from rkllama_ollama.models.store import ModelEntry, Store
 from rkllama_ollama.runtime.rkllm import npu
-from rkllama_ollama.runtime.rkllm.library import RkllmLibraryError, find_library
+from rkllama_ollama.runtime.rkllm.library import PROBE_TIMEOUT_S, RkllmLibraryError, find_library, probe
+from rkllama_ollama.runtime.rkllm.startup import diagnose
 
 IDENTIFY_TIMEOUT_S = 120.0
 LOW_MEMORY_BYTES = 1 << 30
@@ -180,8 +181,46 @@ def check_soc(report: Report, root: Path) -> str | None:
     return soc
 
 
-def check_driver(report: Report, root: Path, soc: str | None, runtime: RuntimeInfo | None) -> None:
+_BANNER_DRIVER = re.compile(r"rknpu driver version:\s*v?(\d+\.\d+\.\d+)")
+
+
+def check_runtime_start(
+    report: Report, runtime: RuntimeInfo, environ: Mapping[str, str], root: Path
+) -> str | None:
+    """rkllm_init in a child process with a model that does not exist: the runtime opens the NPU and
+    prints its banner (the driver version it sees), or says why it cannot. Returns that driver version."""
+    result = probe(runtime.path, PROBE_TIMEOUT_S, dict(environ))
+    lines = result.output.splitlines()
+    problem = diagnose(lines, root)
+    if problem is not None and problem.fatal:
+        report.add(Level.PROBLEM, "runtime start", problem.summary(), problem.fix)
+        return None
+    banner = next((line.strip() for line in lines if "rkllm-runtime version:" in line), None)
+    if banner is None:
+        report.add(
+            Level.WARN,
+            "runtime start",
+            "rkllm_init printed no version banner and no known error",
+            "look at the runner log of the first load (rkllama-ollama serve with RKLLAMA_LOG_LEVEL=debug)",
+        )
+        return None
+    report.add(Level.OK, "runtime start", f"rkllm_init opens the NPU: {banner}")
+    if problem is not None:  # a warning, e.g. the driver is too old: check_driver says it with its fix
+        report.add(Level.WARN, "runtime start", problem.summary(), problem.fix)
+    match = _BANNER_DRIVER.search(banner)
+    return match.group(1) if match else None
+
+
+def check_driver(
+    report: Report,
+    root: Path,
+    soc: str | None,
+    runtime: RuntimeInfo | None,
+    banner_driver: str | None = None,
+) -> None:
     version, where = npu.driver_version(root)
+    if version is None and banner_driver is not None:
+        version, where = banner_driver, "the runtime's start-up banner"
     needs = f"{npu.DRIVER_RECOMMENDED} recommended, at least {npu.DRIVER_MINIMUM}"
     who = f"runtime {runtime.version} needs" if runtime else "the RKLLM runtimes (1.1.0-1.3.0) need"
     if version is None:
@@ -451,8 +490,13 @@ def run_doctor(
     # The runtime is identified before the driver line is written: the driver line says what it needs.
     runtime_report = Report()
     runtime = check_runtime(runtime_report, env, bool(rkllm_models))
-    check_driver(report, root, soc, runtime)
-    check_devices(report, npu.npu_nodes(root), root)
+    nodes = npu.npu_nodes(root)
+    banner_driver = None
+    if runtime is not None and soc is not None and nodes:
+        # Only where an NPU can be there: elsewhere the doctor already said why nothing can run.
+        banner_driver = check_runtime_start(runtime_report, runtime, env, root)
+    check_driver(report, root, soc, runtime, banner_driver)
+    check_devices(report, nodes, root)
     report.findings += runtime_report.findings
     available = check_memory(report, root)
     check_store(report, models_dir, entries)

@@ -231,3 +231,26 @@ def test_model_origin_never_fails_on_odd_names(name: str) -> None:
     safe = "".join(c for c in name if c not in "/\0") or "x"
     origin = model_origin(Path("/nonexistent") / (safe + ".rkllm"), None)
     assert origin.platform is None or origin.platform in npu.SOCS or origin.platform.startswith("rk35")
+
+
+def test_a_runtime_that_cannot_open_the_npu_is_a_problem_in_its_own_words(tmp_path: Path) -> None:
+    """The node exists and is accessible, yet rkllm_init says the device is not available."""
+    root = make_board(tmp_path / "board")
+    env = {**environ(tmp_path), "RKLLM_SIM_NPU": "absent"}
+    report = run_doctor(tmp_path / "models", root=root, environ=env)
+    (found,) = problems(report)
+    assert found.startswith("runtime start: the NPU device could not be opened")
+    assert "failed to open rknpu module" in found and "accessible" in found
+    assert report.exit_code == 1
+
+
+def test_the_driver_version_from_the_runtime_banner_when_debugfs_is_unreadable(tmp_path: Path) -> None:
+    root = make_board(tmp_path / "board", driver=None)
+    env = {**environ(tmp_path), "RKLLM_SIM_DRIVER": "0.9.6"}
+    report = run_doctor(tmp_path / "models", root=root, environ=env)
+    found = problems(report)
+    assert found and found[0].startswith(
+        "npu driver: RKNPU driver 0.9.6 (from the runtime's start-up banner)"
+    )
+    assert any(f.topic == "runtime start" and "too old" in f.text for f in report.findings)
+    assert report.exit_code == 1

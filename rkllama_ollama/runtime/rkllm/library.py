@@ -250,7 +250,7 @@ def probe_version(path: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
     return probe(path, timeout).version
 
 
-def probe(path: str, timeout: float = PROBE_TIMEOUT_S) -> ProbeResult:
+def probe(path: str, timeout: float = PROBE_TIMEOUT_S, environ: dict[str, str] | None = None) -> ProbeResult:
     """Run rkllm_init in a child process with a model that does not exist; its banner and messages."""
     with tempfile.TemporaryDirectory(prefix="rkllm-probe-") as scratch:
         missing_model = str(Path(scratch) / "no-such-model.rkllm")
@@ -260,6 +260,7 @@ def probe(path: str, timeout: float = PROBE_TIMEOUT_S) -> ProbeResult:
                 capture_output=True,
                 timeout=timeout,
                 cwd=scratch,
+                env=environ,
                 check=False,
             )
         except subprocess.TimeoutExpired:

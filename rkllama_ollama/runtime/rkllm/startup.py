@@ -37,8 +37,11 @@ class StartupProblem:
         """A fatal problem means the model did not load, whatever rkllm_init returned."""
         return self.cause is not Cause.DRIVER_TOO_OLD
 
+    def summary(self) -> str:
+        return f"{self.cause.value} (the runtime said: {self.evidence.strip()})"
+
     def message(self) -> str:
-        return f"{self.cause.value} (the runtime said: {self.evidence.strip()}). Fix: {self.fix}"
+        return f"{self.summary()}. Fix: {self.fix}"
 
 
 def _no_device_fix(root: Path) -> str:
