@@ -53,6 +53,15 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     return run_daemon(settings)
 
 
+def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
+    from rkllama_ollama.doctor import run_doctor
+
+    models = Path(args.models).expanduser() if args.models else settings.models_dir
+    report = run_doctor(models, root=Path(args.root))
+    sys.stdout.write(report.render())
+    return report.exit_code
+
+
 def cmd_version(args: argparse.Namespace, settings: Settings) -> int:
     print(f"rkllama-ollama version {__version__}")
     return 0
@@ -222,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to bind; default 11434")
     serve.add_argument("--models", help="model store folder; default ~/RKLLAMA/models")
     serve.set_defaults(func=cmd_serve)
+    doctor = sub.add_parser(
+        "doctor", help="check this board: NPU, driver, runtime, models (exit 1 if one cannot run)"
+    )
+    doctor.add_argument("--models", help="model store folder; default RKLLAMA_MODELS or ~/RKLLAMA/models")
+    doctor.add_argument("--root", default="/", help=argparse.SUPPRESS)  # a copy of a board's file system
+    doctor.set_defaults(func=cmd_doctor)
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=cmd_version)
 

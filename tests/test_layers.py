@@ -28,6 +28,7 @@ LAYERS = {
     "api": 5,
     "daemon": 6,
     "client": 6,
+    "doctor": 6,
     "cli_format": 6,
     "cli_repl": 7,
     "cli": 8,

@@ -221,3 +221,50 @@ def test_families_differ_where_the_reference_says_they_break() -> None:
     assert e.Input.input_type.offset == 12 and d.Input.input_type.offset == 0  # role prefix in 1.2.1
     assert f.InferParam.keep_history.offset == 32 and e.InferParam.keep_history.offset == 24
     assert f.Param.extend_param.offset == 60 and e.Param.extend_param.offset == 88
+
+
+_CALLBACK_RETURN_PROBE = r"""
+#include "rkllm.h"
+#include <stdio.h>
+int main(void) {
+    printf("%d\n", __builtin_types_compatible_p(LLMResultCallback,
+                                                int (*)(RKLLMResult *, void *, LLMCallState)));
+    printf("%d\n", __builtin_types_compatible_p(LLMResultCallback,
+                                                void (*)(RKLLMResult *, void *, LLMCallState)));
+    return 0;
+}
+"""
+
+
+@pytest.mark.parametrize("family", list(SIM_FAMILIES), ids=lambda f: f.name)
+def test_callback_return_type_is_the_headers(family: Family, tmp_path: Path) -> None:
+    """void up to 1.2.1b1, int from 1.2.1: the ctypes callback type says what the header says."""
+    source = tmp_path / "callback.c"
+    source.write_text(_CALLBACK_RETURN_PROBE)
+    binary = tmp_path / "callback"
+    subprocess.run(
+        [
+            "gcc",
+            "-std=gnu11",
+            f"-DRKLLM_SIM_FAMILY=RKLLM_SIM_FAMILY_{SIM_FAMILIES[family]}",
+            f"-I{NATIVE / 'rkllm_sim'}",
+            "-o",
+            str(binary),
+            str(source),
+        ],
+        check=True,
+    )
+    returns_int, returns_void = subprocess.run(
+        [str(binary)], check=True, capture_output=True, text=True
+    ).stdout.split()
+    restype = layout_for(family).ResultCallback._restype_
+    assert (returns_int, returns_void) == (("1", "0") if family >= Family.E else ("0", "1"))
+    assert restype is (ctypes.c_int if returns_int == "1" else None)
+
+
+def test_callback_return_type_per_family_including_d_prime() -> None:
+    assert layout_for(Family.D_PRIME).ResultCallback._restype_ is None
+    assert layout_for(Family.D).ResultCallback._restype_ is None
+    assert layout_for(Family.C).ResultCallback._restype_ is None
+    assert layout_for(Family.E).ResultCallback._restype_ is ctypes.c_int
+    assert layout_for(Family.F).ResultCallback._restype_ is ctypes.c_int

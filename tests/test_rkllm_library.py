@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -9,6 +10,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from rkllama_ollama.runtime.rkllm import library
 from rkllama_ollama.runtime.rkllm.abi import Family
@@ -30,8 +33,9 @@ def sims() -> dict[str, Path]:
     return build_simulators()
 
 
-def _compile_sim(tmp_path: Path, family_letter: str, version: str) -> Path:
-    out = tmp_path / f"librkllmrt-{version}.so"
+def _compile_sim(tmp_path: Path, family_letter: str, version: str, *, hide_version: bool = False) -> Path:
+    out = tmp_path / f"librkllmrt-{version}{'-hidden' if hide_version else ''}.so"
+    extra = ["-DRKLLM_SIM_HIDE_VERSION"] if hide_version else []
     subprocess.run(
         [
             "gcc",
@@ -42,6 +46,7 @@ def _compile_sim(tmp_path: Path, family_letter: str, version: str) -> Path:
             "-fvisibility=hidden",
             f"-DRKLLM_SIM_FAMILY=RKLLM_SIM_FAMILY_{family_letter}",
             f'-DRKLLM_SIM_VERSION="{version}"',
+            *extra,
             "-o",
             str(out),
             str(NATIVE / "rkllm_sim" / "rkllm_sim.c"),
@@ -52,11 +57,66 @@ def _compile_sim(tmp_path: Path, family_letter: str, version: str) -> Path:
 
 
 @pytest.mark.parametrize("letter", list(SIM_VERSIONS))
-def test_each_simulator_is_identified_by_its_banner(sims: dict[str, Path], letter: str) -> None:
+def test_each_simulator_is_identified_by_the_version_its_file_carries(
+    sims: dict[str, Path], letter: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RKLLM_SIM_NPU", "absent")  # no banner: the file alone must tell
     identity = identify(str(sims[letter]), environ={})
     assert identity.version == SIM_VERSIONS[letter]
     assert identity.family == EXPECTED_FAMILY[letter]
-    assert identity.source == "probe"
+    assert identity.source == "file"
+    assert library.version_literals(str(sims[letter])) == [SIM_VERSIONS[letter]]
+
+
+@pytest.mark.parametrize("letter", ["C", "E", "F"])
+def test_without_a_version_literal_the_banner_tells(tmp_path: Path, letter: str) -> None:
+    lib = _compile_sim(tmp_path, letter, SIM_VERSIONS[letter], hide_version=True)
+    assert library.version_literals(str(lib)) == []
+    identity = identify(str(lib), environ={})
+    assert (identity.version, identity.family, identity.source) == (
+        SIM_VERSIONS[letter],
+        EXPECTED_FAMILY[letter],
+        "probe",
+    )
+
+
+def test_no_literal_and_no_device_names_the_device_and_its_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1.2.0+ print no banner without the NPU: the error is about the device, not the version."""
+    lib = _compile_sim(tmp_path, "E", "1.2.1", hide_version=True)
+    monkeypatch.setenv("RKLLM_SIM_NPU", "absent")
+    with pytest.raises(RkllmLibraryError) as info:
+        identify(str(lib), environ={})
+    message = str(info.value)
+    assert "NPU device could not be opened" in message and "failed to open rknpu module" in message
+    assert "/dev/rknpu" in message and "driver" in message
+    assert "cannot tell" not in message
+
+
+def test_the_override_wins_over_the_file(sims: dict[str, Path]) -> None:
+    identity = identify(str(sims["E"]), environ={"RKLLAMA_RKLLM_VERSION": "1.2.2"})
+    assert (identity.version, identity.source) == ("1.2.2", "override")
+
+
+def test_literals_of_another_generation_are_discarded(tmp_path: Path) -> None:
+    blob = tmp_path / "librkllmrt.so"
+    blob.write_bytes(b"junk\x001.2.3\x00I rkllm: %s\x000.9.7\x001.1.0\x00v1.9.9\x001.2.3\x00")
+    assert library.version_literals(str(blob)) == ["1.2.3", "1.1.0"]
+    assert library.embedded_version(str(blob), library.SymbolClass.E_OR_F) == "1.2.3"
+    assert library.embedded_version(str(blob), library.SymbolClass.C) == "1.1.0"
+    assert library.embedded_version(str(blob)) is None  # two candidates, nothing to choose by
+
+
+@given(st.binary(max_size=512))
+def test_version_scan_never_fails_on_arbitrary_bytes(data: bytes) -> None:
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".so") as handle:
+        handle.write(b"\x7fELF" + data)
+        handle.flush()
+        found = library.version_literals(handle.name)
+    assert all(re.fullmatch(r"1\.\d+\.\d+(b\d+)?", item) for item in found)
 
 
 @pytest.mark.parametrize("letter", list(SIM_VERSIONS))

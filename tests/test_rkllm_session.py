@@ -359,3 +359,47 @@ def test_detokenizing_an_id_outside_the_vocabulary_is_invalid_input(
     assert session.detokenize([104, 105]) == "hi"
     with pytest.raises(InvalidInput, match=f"token id {token} is outside this model's vocabulary of "):
         session.detokenize([104, token])
+
+
+def test_simulator_defaults_are_the_vendors(sims: dict[str, Path], family: str) -> None:
+    """rkllm_createDefaultParam: the documented sampling defaults, n_batch 1, reserved zeroed."""
+    from rkllama_ollama.runtime.rkllm import abi
+
+    lib = _raw(sims, family)
+    param = abi.default_param(lib.cdll, lib.layout)
+    assert (param.top_k, param.mirostat) == (40, 0)
+    assert [round(v, 4) for v in (param.top_p, param.temperature, param.repeat_penalty)] == [0.9, 0.8, 1.1]
+    assert (param.frequency_penalty, param.presence_penalty) == (0.0, 0.0)
+    assert [round(v, 4) for v in (param.mirostat_tau, param.mirostat_eta)] == [5.0, 0.1]
+    extend = param.extend_param
+    assert bytes(extend.reserved) == bytes(len(extend.reserved))
+    if family != "C":
+        assert (extend.enabled_cpus_num, extend.enabled_cpus_mask) == (4, 0xF0)
+    if family in ("E", "F"):
+        assert extend.n_batch == 1
+
+
+def test_session_overrides_match_the_vendor_demos(
+    open_session: Callable[..., RkllmSession], family: str
+) -> None:
+    """embed_flash=1, the big cores (by core count), reserved zeroed, starting from the default param."""
+    from rkllama_ollama.runtime.rkllm.params import default_cpu_mask
+
+    session = open_session()
+    param = session._param
+    extend = param.extend_param
+    assert bytes(extend.reserved) == bytes(len(extend.reserved))
+    assert param.model_path and param.skip_special_token
+    if family != "C":
+        assert extend.embed_flash == 1
+        assert extend.enabled_cpus_mask == default_cpu_mask()
+        assert extend.enabled_cpus_num == bin(default_cpu_mask()).count("1")
+
+
+@pytest.mark.parametrize(
+    ("cores", "mask"), [(8, 0xF0), (16, 0xF0), (4, 0x0F), (2, 0x03), (1, 0x01), (6, 0x0F)]
+)
+def test_default_cpu_mask_is_the_big_cores(cores: int, mask: int) -> None:
+    from rkllama_ollama.runtime.rkllm.params import default_cpu_mask
+
+    assert default_cpu_mask(cores) == mask

@@ -9,6 +9,24 @@
  *   crash_after_tokens=<int>  raise SIGSEGV after N generated tokens (-1 = never)
  *   fail_init=<0|1>           rkllm_init fails
  *   embd_size=<int>           hidden-layer width (default 64)
+ *   init_fault=<kind>         a model the vendor runtime fails to load, reported the way each release
+ *                             reports it (docs/board-startup.md): bad_magic ("invalid rknn llm model
+ *                             magic"), npu_oom ("failed to malloc npu memory"), load_error ("load model
+ *                             file error"). 1.1.x prints the line and still returns 0 (bad_magic and
+ *                             npu_oom with a handle whose first rkllm_run aborts, load_error with a NULL
+ *                             handle); 1.3.0 raises SIGSEGV on npu_oom; everything else returns -1.
+ *   target_platform=<soc>     the SoC the model was converted for (e.g. rk3588); loading fails with
+ *                             "target_platform does not match" when RKLLM_SIM_PLATFORM names another
+ *
+ * The machine, from the environment (read by rkllm_init):
+ *   RKLLM_SIM_NPU=absent       the NPU device cannot be opened: 1.2.0+ print "failed to open rknpu
+ *                              module" / "failed to open rknn device" / "Device is not available" and NO
+ *                              version banner (the banner carries the driver version, read from the
+ *                              device), then fail; 1.1.x prints the banner and the same lines and
+ *                              returns 0 with a NULL handle
+ *   RKLLM_SIM_DRIVER=<x.y.z>   the RKNPU driver version in the banner (default 0.9.8); below 0.9.7 a
+ *                              "driver version is too low" warning is printed
+ *   RKLLM_SIM_PLATFORM=<soc>   the platform in the banner (default RKLLM-SIM)
  *
  * Behaviour the bindings depend on: rkllm_run blocks while a worker pthread delivers callbacks;
  * WAITING until a UTF-8 character is complete; FINISH (with perf on E/F) or ERROR; abort at the
@@ -36,6 +54,18 @@
 #define SIM_DEFAULT_EMBD 64
 #define SIM_DEFAULT_CONTEXT 4096
 
+/* The version literal sits in .rodata on its own, as in the vendor's library (whose banner format
+ * string takes the version as a %s argument): a reader can find it without running rkllm_init. */
+#ifndef RKLLM_SIM_HIDE_VERSION
+static const char SIM_RUNTIME_VERSION[] = RKLLM_SIM_VERSION;
+#else /* a build whose version only the banner tells (tests of the fallback): no NUL-delimited literal */
+static const char SIM_RUNTIME_VERSION_TAGGED[] = "v" RKLLM_SIM_VERSION;
+#define SIM_RUNTIME_VERSION (SIM_RUNTIME_VERSION_TAGGED + 1)
+#endif
+static const char SIM_MIN_DRIVER[] = "0.9.7";
+
+enum { SIM_FAULT_NONE = 0, SIM_FAULT_BAD_MAGIC, SIM_FAULT_NPU_OOM, SIM_FAULT_LOAD_ERROR };
+
 typedef struct {
     char *reply;
     size_t reply_len;
@@ -45,6 +75,8 @@ typedef struct {
     long crash_after_tokens;
     int fail_init;
     int embd_size;
+    int init_fault;
+    char target_platform[32];
 } SimModel;
 
 typedef struct {
@@ -80,6 +112,7 @@ typedef struct {
     int async_worker;
     SimJob job;
     int last_status;
+    int broken; /* 1.1.x "successful" init of a model that did not load: the first run aborts */
 } SimHandle;
 
 static double now_ms(void) {
@@ -140,6 +173,8 @@ static int parse_model_file(const char *path, SimModel *model) {
     model->crash_after_tokens = -1;
     model->fail_init = 0;
     model->embd_size = SIM_DEFAULT_EMBD;
+    model->init_fault = SIM_FAULT_NONE;
+    model->target_platform[0] = '\0';
     while ((len = getline(&line, &cap, f)) != -1) {
         while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r')) {
             line[--len] = '\0';
@@ -165,6 +200,13 @@ static int parse_model_file(const char *path, SimModel *model) {
             model->crash_after_tokens = atol(value);
         } else if (strcmp(key, "fail_init") == 0) {
             model->fail_init = atoi(value);
+        } else if (strcmp(key, "init_fault") == 0) {
+            model->init_fault = strcmp(value, "bad_magic") == 0    ? SIM_FAULT_BAD_MAGIC
+                                : strcmp(value, "npu_oom") == 0    ? SIM_FAULT_NPU_OOM
+                                : strcmp(value, "load_error") == 0 ? SIM_FAULT_LOAD_ERROR
+                                                                   : SIM_FAULT_NONE;
+        } else if (strcmp(key, "target_platform") == 0) {
+            snprintf(model->target_platform, sizeof model->target_platform, "%s", value);
         } else if (strcmp(key, "embd_size") == 0) {
             model->embd_size = atoi(value) > 0 ? atoi(value) : SIM_DEFAULT_EMBD;
         }
@@ -464,6 +506,11 @@ static int start_run(LLMHandle handle, RKLLMInput *input, RKLLMInferParam *infer
     if (!h || !input || !infer) {
         return -1;
     }
+    if (h->broken) {
+        fprintf(stderr, "GGML_ASSERT: the model was not loaded\n");
+        fflush(stderr);
+        abort();
+    }
     pthread_mutex_lock(&h->lock);
     if (atomic_load(&h->running)) {
         pthread_mutex_unlock(&h->lock);
@@ -529,20 +576,93 @@ SIM_API RKLLMParam rkllm_createDefaultParam(void) {
     return p;
 }
 
+static int version_below(const char *version, const char *minimum) {
+    int a[3] = {0, 0, 0}, b[3] = {0, 0, 0};
+    sscanf(version, "%d.%d.%d", &a[0], &a[1], &a[2]);
+    sscanf(minimum, "%d.%d.%d", &b[0], &b[1], &b[2]);
+    for (int i = 0; i < 3; i++) {
+        if (a[i] != b[i]) {
+            return a[i] < b[i];
+        }
+    }
+    return 0;
+}
+
+static const char *env_or(const char *name, const char *fallback) {
+    const char *value = getenv(name);
+    return value && *value ? value : fallback;
+}
+
+static void print_device_failure(void) {
+    fprintf(stderr, "E RKNN: failed to open rknpu module, need to insmod rknpu driver!\n");
+    fprintf(stderr, "E RKNN: failed to open rknn device!\n");
+    fprintf(stderr, "E rkllm: Device is not available\n");
+}
+
+/* A model that does not load, reported as each release reports it (see the header comment). Returns
+ * the value rkllm_init returns; *handle is left NULL or set to an unusable handle. */
+static int fail_loading(const SimModel *model, LLMHandle *handle) {
+    const char *line = model->init_fault == SIM_FAULT_BAD_MAGIC  ? "E RKNN: invalid rknn llm model magic"
+                       : model->init_fault == SIM_FAULT_NPU_OOM ? "E RKNN: failed to malloc npu memory"
+                                                                : "E rkllm: load model file error";
+    fprintf(stderr, "%s\n", line);
+    fflush(stderr);
+#if RKLLM_SIM_AT_LEAST(F)
+    if (model->init_fault == SIM_FAULT_NPU_OOM) {
+        raise(SIGSEGV); /* reported for 1.3.0: a failing init crashes instead of returning -1 */
+    }
+#endif
+#if RKLLM_SIM_AT_LEAST(D)
+    (void)handle;
+    return -1;
+#else
+    if (model->init_fault != SIM_FAULT_LOAD_ERROR) {
+        SimHandle *h = calloc(1, sizeof *h);
+        pthread_mutex_init(&h->lock, NULL);
+        h->broken = 1;
+        *handle = h;
+    }
+    printf("I rkllm: rkllm init success\n");
+    fflush(stdout);
+    return 0; /* 1.1.x: init "succeeds" although the model was not loaded */
+#endif
+}
+
 #if RKLLM_SIM_AT_LEAST(F)
 SIM_API int rkllm_init(LLMHandle *handle, RKLLMParam *param, RKLLMCallback *callback)
 #else
 SIM_API int rkllm_init(LLMHandle *handle, RKLLMParam *param, LLMResultCallback callback)
 #endif
 {
-    printf("I rkllm: rkllm-runtime version: %s, rknpu driver version: 0.9.8, platform: RKLLM-SIM\n",
-           RKLLM_SIM_VERSION);
+    const char *driver = env_or("RKLLM_SIM_DRIVER", "0.9.8");
+    const char *platform = env_or("RKLLM_SIM_PLATFORM", "RKLLM-SIM");
+    int device_absent = strcmp(env_or("RKLLM_SIM_NPU", "present"), "absent") == 0;
+    if (handle) {
+        *handle = NULL;
+    }
+#if RKLLM_SIM_AT_LEAST(D)
+    if (device_absent) { /* the banner needs the driver version, which needs the device */
+        print_device_failure();
+        return -1;
+    }
+#endif
+    printf("I rkllm: rkllm-runtime version: %s, rknpu driver version: %s, platform: %s\n", SIM_RUNTIME_VERSION,
+           device_absent ? "unknown" : driver, platform);
     fflush(stdout);
+#if !RKLLM_SIM_AT_LEAST(D)
+    if (device_absent) {
+        print_device_failure();
+        return 0; /* 1.1.x: no error code, and no handle */
+    }
+#endif
+    if (version_below(driver, SIM_MIN_DRIVER)) {
+        fprintf(stderr, "W rkllm: Warning: Your rknpu driver version is too low, please upgrade to %s\n",
+                SIM_MIN_DRIVER);
+    }
     if (!handle || !param || !callback) {
         fprintf(stderr, "E rkllm: rkllm_init: null argument\n");
         return -1;
     }
-    *handle = NULL;
     if (!param->model_path) {
         fprintf(stderr, "E rkllm: rkllm_init: model_path is null\n");
         return -1;
@@ -571,6 +691,35 @@ SIM_API int rkllm_init(LLMHandle *handle, RKLLMParam *param, LLMResultCallback c
         free(model.reply);
         return -1;
     }
+    if (model.init_fault != SIM_FAULT_NONE) {
+        int rc = fail_loading(&model, handle);
+        free(model.reply);
+        return rc;
+    }
+    printf("I rkllm: rkllm-toolkit version: sim, max_context_limit: %d, npu_core_num: 3, "
+           "target_platform: %s, model_dtype: W8A8\n",
+           model.max_context_len, model.target_platform[0] ? model.target_platform : "RKLLM-SIM");
+    fflush(stdout);
+    if (model.target_platform[0] && getenv("RKLLM_SIM_PLATFORM") && strcasecmp(model.target_platform, platform) != 0) {
+        fprintf(stderr, "E rkllm: The model target_platform does not match! (model: %s, platform: %s)\n",
+                model.target_platform, platform);
+        free(model.reply);
+        return -1;
+    }
+#if RKLLM_SIM_AT_LEAST(D)
+    {
+        char cpus[64] = "";
+        size_t used = 0;
+        for (int cpu = 0; cpu < 8; cpu++) {
+            if (param->extend_param.enabled_cpus_mask & (1u << cpu)) {
+                used += (size_t)snprintf(cpus + used, sizeof cpus - used, "%s%d", used ? ", " : "", cpu);
+            }
+        }
+        printf("I rkllm: Enabled cpus: [%s]\nI rkllm: Enabled cpus num: %d\n", cpus,
+               (int)param->extend_param.enabled_cpus_num);
+        fflush(stdout);
+    }
+#endif
 #if RKLLM_SIM_AT_LEAST(F)
     if (!callback->result_callback) {
         fprintf(stderr, "E rkllm: rkllm_init: result_callback is null\n");
@@ -596,10 +745,6 @@ SIM_API int rkllm_init(LLMHandle *handle, RKLLMParam *param, LLMResultCallback c
     h->prompt_prefix = strdup("<|im_start|>user\n");
     h->prompt_postfix = strdup("<|im_end|>\n<|im_start|>assistant\n");
     pthread_mutex_init(&h->lock, NULL);
-    printf("I rkllm: rkllm-toolkit version: sim, max_context_limit: %d, npu_core_num: 3, "
-           "target_platform: RKLLM-SIM, model_dtype: W8A8\n",
-           model.max_context_len);
-    fflush(stdout);
     *handle = h;
     return 0;
 }
@@ -617,7 +762,7 @@ SIM_API int rkllm_destroy(LLMHandle handle) {
     }
     pthread_mutex_unlock(&h->lock);
     free_job(&h->job);
-    free(h->model.reply);
+    free(h->model.reply); /* NULL on a broken handle */
     free(h->system_prompt);
     free(h->prompt_prefix);
     free(h->prompt_postfix);

@@ -13,6 +13,10 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol
 
+# The runner's native-output file (set by the server for each runner): an engine writes what its native
+# library prints while loading there, so the server can still read it when loading crashed the runner.
+NATIVE_LOG_ENV = "RKLLAMA_RUNNER_NATIVE_LOG"
+
 
 class RuntimeFailure(Exception):
     """An engine could not do what was asked (bad model file, context overflow, runtime error).

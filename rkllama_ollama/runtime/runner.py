@@ -31,15 +31,18 @@ import queue
 import signal
 import struct
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import orjson
 
 from rkllama_ollama.runtime.base import (
+    NATIVE_LOG_ENV,
     Cancel,
     ContextOverflow,
     EmbedResult,
@@ -311,8 +314,10 @@ class _EventFrames(asyncio.Protocol):
 class RunnerProcess:
     """The server's handle on one runner child. One command at a time (the scheduler serialises)."""
 
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
+    def __init__(self, process: asyncio.subprocess.Process, native_log: Path | None = None) -> None:
         self._process = process
+        self._native_log = native_log
+        self._native_tail: list[str] = []  # what the native library printed while loading, if it died
         self._events = _EventFrames(self._deliver)
         self._next_id = 0
         self._waiting: dict[int, asyncio.Queue[dict[str, Any]]] = {}
@@ -329,6 +334,10 @@ class RunnerProcess:
 
     @classmethod
     async def start(cls, env: dict[str, str] | None = None) -> RunnerProcess:
+        log_fd, log_name = tempfile.mkstemp(prefix="rkllama-runner-", suffix=".log")
+        os.close(log_fd)
+        native_log = Path(log_name)
+        env = {**(os.environ if env is None else env), NATIVE_LOG_ENV: log_name}
         read_fd, write_fd = os.pipe()
         try:
             process = await asyncio.create_subprocess_exec(
@@ -342,9 +351,12 @@ class RunnerProcess:
                 env=env,
                 start_new_session=True,  # a Ctrl-C in a terminal reaches the server only
             )
+        except BaseException:
+            native_log.unlink(missing_ok=True)
+            raise
         finally:
             os.close(write_fd)
-        runner = cls(process)
+        runner = cls(process, native_log)
         try:
             await asyncio.get_running_loop().connect_read_pipe(
                 lambda: runner._events, os.fdopen(read_fd, "rb", 0)
@@ -378,6 +390,14 @@ class RunnerProcess:
         self._dead_reason = f"the model runner {how}"
         if returncode != 0:
             log.warning("runner pid=%d %s", self._process.pid, how)
+        if self._native_log is not None:
+            try:
+                self._native_tail = self._native_log.read_text(
+                    encoding="utf-8", errors="replace"
+                ).splitlines()
+            except OSError:
+                self._native_tail = []
+            self._native_log.unlink(missing_ok=True)
         for inbox in self._waiting.values():
             inbox.put_nowait({"ev": "died", "message": self._dead_reason})
 
@@ -422,8 +442,28 @@ class RunnerProcess:
             self._waiting.pop(request_id, None)
 
     async def load(self, spec: LoadSpec) -> tuple[ModelInfo, int]:
-        message = await self._call({"op": "load", "spec": spec.to_wire()}, "loaded")
+        try:
+            message = await self._call({"op": "load", "spec": spec.to_wire()}, "loaded")
+        except RunnerDied as exc:
+            raise RunnerDied(self._load_crash_message(spec, str(exc))) from exc
         return ModelInfo.from_wire(message["info"]), int(message["load_ns"])
+
+    def _load_crash_message(self, spec: LoadSpec, died: str) -> str:
+        """A runner that died while loading (a native library crashed in its init): say what it printed."""
+        message = f"could not load {spec.model_path}: {died} while loading it"
+        tail = self._native_tail
+        if spec.engine == "rkllm":
+            from rkllama_ollama.runtime.rkllm.startup import diagnose, error_lines
+
+            problem = diagnose(tail)
+            if problem is not None:
+                return f"{message}; {problem.message()}"
+            errors = error_lines(tail)
+            if errors:
+                return f"{message} (the runtime said: {'; '.join(errors)})"
+        if tail:
+            return f"{message} (its last output: {tail[-1].strip()})"
+        return message
 
     async def embed(self, inputs: list[str], truncate: bool) -> EmbedResult:
         message = await self._call({"op": "embed", "inputs": inputs, "truncate": truncate}, "embedded")

@@ -101,7 +101,7 @@ class Layout:
     PerfStat: type[Structure] | None
     Result: type[Structure]
     Callback: type[Structure] | None  # RKLLMCallback (F)
-    ResultCallback: Any  # CFUNCTYPE of LLMResultCallback, always returning c_int
+    ResultCallback: Any  # CFUNCTYPE of LLMResultCallback: void on C/D/D', int on E/F
 
     @property
     def has_keep_history(self) -> bool:
@@ -335,8 +335,9 @@ def _build_layout(family: Family) -> Layout:
         result_fields.append(("perf", perf))
     result = _struct("RKLLMResult", result_fields)
 
-    # Always c_int: required on E/F (0 continue, 1 pause), harmless on C/D where it is void.
-    result_callback = CFUNCTYPE(c_int, POINTER(result), c_void_p, c_int)
+    # As each header declares it: `void` up to 1.2.1b1 (C, D, D'), `int` from 1.2.1 (E, F: 0 continue,
+    # 1 pause). ctypes ignores the Python return value of a void callback.
+    result_callback = CFUNCTYPE(c_int if at_least_e else None, POINTER(result), c_void_p, c_int)
     callback = (
         _struct(
             "RKLLMCallback",

@@ -1,10 +1,11 @@
 """Find librkllmrt.so, tell which ABI family it is, and open it with that family's signatures.
 
-Detection (docs/rkllm-runtime.md, "Telling the release"): exported symbols tell 1.0.x / C / D /
-E-or-F apart; the exact version comes from the `rkllm-runtime version: X` line that rkllm_init prints
-before it opens the model. That probe runs in a throw-away child process (a wrong layout may crash
-it) and always passes a model path that does not exist: the banner precedes model loading, so no model
-is needed and no NPU memory is used. `RKLLAMA_RKLLM_VERSION` overrides the probe.
+Detection (docs/board-startup.md, docs/rkllm-runtime.md): exported symbols tell 1.0.x / C / D / E-or-F apart; the exact
+version comes, in this order, from `RKLLAMA_RKLLM_VERSION` (always wins), from the version literal the
+library file carries in its read-only data (no code runs), and from the `rkllm-runtime version: X`
+line that rkllm_init prints. That last probe runs in a throw-away child process (a wrong layout may
+crash it) and passes a model path that does not exist; it only works when the NPU can be opened,
+because from 1.2.0 the banner (which carries the driver version) is printed after the device is opened.
 
 This module loads the vendor library into the current process; call it only inside the runner
 child process, never in the daemon.
@@ -16,6 +17,7 @@ import ctypes
 import logging
 import os
 import re
+import struct
 import subprocess
 import sys
 import tempfile
@@ -24,6 +26,7 @@ from pathlib import Path
 
 from rkllama_ollama.runtime.base import RuntimeFailure
 from rkllama_ollama.runtime.rkllm.abi import Family, Layout, declare_functions, layout_for
+from rkllama_ollama.runtime.rkllm.startup import Cause, diagnose
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +81,7 @@ class RuntimeIdentity:
     path: str
     version: str  # e.g. "1.2.1"; "1.1.x"-style when only the symbols were available
     family: Family
-    source: str  # "probe", "override" or "symbols"
+    source: str  # "override", "file" (the version literal in the .so), "probe" (banner) or "symbols"
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,75 @@ def symbol_class(cdll: ctypes.CDLL) -> str:
     return SymbolClass.E_OR_F
 
 
+# A runtime version literal on its own in the read-only data: NUL, "1.<minor>.<patch>[b<n>]", NUL.
+_VERSION_LITERAL = re.compile(rb"(?<=\x00)(1\.\d{1,2}\.\d{1,2}(?:b\d{1,2})?)(?=\x00)")
+_ELF_MAGIC = b"\x7fELF"
+
+
+def _elf_rodata(data: bytes) -> bytes | None:
+    """The bytes of the ELF file's .rodata* sections; None when `data` is not a readable ELF file."""
+    if len(data) < 64 or data[:4] != _ELF_MAGIC or data[4] not in (1, 2) or data[5] not in (1, 2):
+        return None
+    is64 = data[4] == 2
+    order = "<" if data[5] == 1 else ">"
+    try:
+        if is64:
+            (shoff,) = struct.unpack_from(order + "Q", data, 0x28)
+            shentsize, shnum, shstrndx = struct.unpack_from(order + "HHH", data, 0x3A)
+            header = order + "IIQQQQ"
+        else:
+            (shoff,) = struct.unpack_from(order + "I", data, 0x20)
+            shentsize, shnum, shstrndx = struct.unpack_from(order + "HHH", data, 0x2E)
+            header = order + "IIIIII"
+        sections = [struct.unpack_from(header, data, shoff + i * shentsize) for i in range(shnum)]
+        names_offset, names_size = sections[shstrndx][4], sections[shstrndx][5]
+        names = data[names_offset : names_offset + names_size]
+    except (struct.error, IndexError):
+        return None
+    chunks = []
+    for name_index, _type, _flags, _addr, offset, size in sections:
+        name = names[name_index : names.find(b"\x00", name_index)]
+        if name.startswith(b".rodata"):
+            chunks.append(data[offset : offset + size])
+    return b"\x00" + b"\x00".join(chunks) + b"\x00" if chunks else None
+
+
+def version_literals(path: str) -> list[str]:
+    """Distinct runtime-version-shaped literals in the library's read-only data, in file order."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return []
+    rodata = _elf_rodata(data)
+    haystack = rodata if rodata is not None else b"\x00" + data
+    found = [m.group(1).decode("ascii") for m in _VERSION_LITERAL.finditer(haystack)]
+    return list(dict.fromkeys(found))
+
+
+def embedded_version(path: str, symbols: str | None = None) -> str | None:
+    """The runtime version the library file carries, or None when it carries none or several.
+
+    With `symbols` (what the exported functions say), literals of another generation are discarded:
+    a library may also carry the version of a component or of the minimum model format.
+    """
+    candidates = version_literals(path)
+    if symbols is not None and len(candidates) > 1:
+        consistent = []
+        for candidate in candidates:
+            try:
+                family = family_for_version(candidate)
+            except RkllmLibraryError:
+                continue
+            if _SYMBOL_CLASS_OF_FAMILY[family] == symbols:
+                consistent.append(candidate)
+        candidates = consistent
+    if len(candidates) == 1:
+        return candidates[0]
+    if candidates:
+        log.info("rkllm library %s carries several version literals %s: not choosing", path, candidates)
+    return None
+
+
 # The child process: load the library, call rkllm_init with a zeroed oversized parameter block whose
 # first field (model_path, offset 0 in every version) names a file that does not exist, and a zeroed
 # block as third argument. rkllm_init prints its version banner first, then fails on the missing file.
@@ -167,8 +239,19 @@ def parse_banner(output: str) -> str | None:
     return match.group(1) if match else None
 
 
+@dataclass(frozen=True)
+class ProbeResult:
+    version: str | None  # from the banner; None when none was printed
+    output: str  # everything the child printed (the runtime's own lines)
+
+
 def probe_version(path: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
     """Run rkllm_init in a child process and read the version banner; None if none was printed."""
+    return probe(path, timeout).version
+
+
+def probe(path: str, timeout: float = PROBE_TIMEOUT_S, environ: dict[str, str] | None = None) -> ProbeResult:
+    """Run rkllm_init in a child process with a model that does not exist; its banner and messages."""
     with tempfile.TemporaryDirectory(prefix="rkllm-probe-") as scratch:
         missing_model = str(Path(scratch) / "no-such-model.rkllm")
         try:
@@ -177,15 +260,16 @@ def probe_version(path: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
                 capture_output=True,
                 timeout=timeout,
                 cwd=scratch,
+                env=environ,
                 check=False,
             )
         except subprocess.TimeoutExpired:
             log.warning("rkllm version probe of %s timed out after %.0fs", path, timeout)
-            return None
+            return ProbeResult(version=None, output="")
     output = completed.stdout.decode("utf-8", "replace") + "\n" + completed.stderr.decode("utf-8", "replace")
     version = parse_banner(output)
     log.info("rkllm version probe of %s: version=%s exit=%s", path, version, completed.returncode)
-    return version
+    return ProbeResult(version=version, output=output)
 
 
 _identity_cache: dict[tuple[str, int, int], RuntimeIdentity] = {}
@@ -219,20 +303,33 @@ def identify(path: str, environ: dict[str, str] | None = None) -> RuntimeIdentit
         identity = RuntimeIdentity(path=path, version=override, family=family, source="override")
         log.info("rkllm runtime %s: version %s forced by %s", path, override, VERSION_ENV)
         return identity
-    version = probe_version(path)
+    version = embedded_version(path, symbols)
+    probed: ProbeResult | None = None
     if version is not None:
         family = family_for_version(version)
-        _check_symbols(path, version, family, symbols, "its version banner")
-        identity = RuntimeIdentity(path=path, version=version, family=family, source="probe")
+        _check_symbols(path, version, family, symbols, "the version string in the library file")
+        identity = RuntimeIdentity(path=path, version=version, family=family, source="file")
+    else:
+        probed = probe(path)
+    if probed is not None and probed.version is not None:
+        family = family_for_version(probed.version)
+        _check_symbols(path, probed.version, family, symbols, "its version banner")
+        identity = RuntimeIdentity(path=path, version=probed.version, family=family, source="probe")
+    elif probed is None:
+        pass
     elif symbols == SymbolClass.C:
         identity = RuntimeIdentity(path=path, version="1.1.x", family=Family.C, source="symbols")
     elif symbols == SymbolClass.D:
         # Without the banner, D and D' are indistinguishable; they differ only in multimodal input.
         identity = RuntimeIdentity(path=path, version="1.2.0", family=Family.D, source="symbols")
     else:
+        problem = diagnose(probed.output.splitlines())
+        if problem is not None and problem.cause is Cause.NO_DEVICE:
+            raise RkllmLibraryError(f"the RKLLM runtime {path} cannot start: {problem.message()}")
         raise RkllmLibraryError(
-            f"cannot tell whether {path} is RKLLM 1.2.1-1.2.3 or 1.3.0: rkllm_init printed no "
-            f"'rkllm-runtime version' line. Set {VERSION_ENV} (e.g. 1.2.3 or 1.3.0)."
+            f"cannot tell whether {path} is RKLLM 1.2.1-1.2.3 or 1.3.0: the file carries no version "
+            f"string and rkllm_init printed no 'rkllm-runtime version' line. Set {VERSION_ENV} "
+            "(e.g. 1.2.3 or 1.3.0)."
         )
     log.info(
         "rkllm runtime %s: version %s, ABI family %s (%s)",
@@ -262,3 +359,30 @@ def open_library(path: str | None = None, environ: dict[str, str] | None = None)
     layout = layout_for(identity.family)
     declare_functions(cdll, layout)
     return RkllmLibrary(identity=identity, cdll=cdll, layout=layout)
+
+
+def _identify_main(argv: list[str]) -> int:
+    """`python -m rkllama_ollama.runtime.rkllm.library PATH`: the identity as one JSON line (for callers
+    that must not load the vendor library into their own process, like `rkllama-ollama doctor`)."""
+    import json
+
+    try:
+        identity = identify(argv[0])
+    except RkllmLibraryError as exc:
+        print(json.dumps({"error": str(exc)}))
+        return 1
+    print(
+        json.dumps(
+            {
+                "path": identity.path,
+                "version": identity.version,
+                "family": identity.family.name,
+                "source": identity.source,
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_identify_main(sys.argv[1:]))

@@ -7,8 +7,8 @@ seed's Modelfile keys (TEMPERATURE, MAX_NEW_TOKENS, NUM_CTX, N_KEEP, ...) in any
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, fields, replace
-from pathlib import Path
 from typing import Any
 
 from rkllama_ollama.runtime.base import SamplingOptions
@@ -21,7 +21,7 @@ _ALIASES = {
     "enabled_cpus_mask": "cpu_mask",
     "max_context_len": "num_ctx",
 }
-BIG_CORES_MASK = 0xF0  # CPU4..CPU7: the big cores of RK3588/RK3576 (what the seed uses)
+BIG_CORES_MASK = 0xF0  # CPU4..CPU7: the big cores of RK3588/RK3576 (what the vendor demos use)
 LITTLE_SOC_MASK = 0x0F  # CPU0..CPU3 on 4-core SoCs (RK3562, RV1126B)
 
 
@@ -72,14 +72,13 @@ def parse_cpu_mask(value: Any) -> int:
     return mask
 
 
-def default_cpu_mask(compatible_path: Path = Path("/proc/device-tree/compatible")) -> int:
-    try:
-        compatible = compatible_path.read_bytes().lower()
-    except OSError:
+def default_cpu_mask(cpu_count: int | None = None) -> int:
+    """The cores the vendor's demos give the runtime: the big cores CPU4-7 (0xF0) on the 8-core RK3588 and
+    RK3576, CPU0-3 (0x0F) on 4-core SoCs (RK3562, RV1126B); every core of a smaller machine."""
+    count = (os.cpu_count() or 1) if cpu_count is None else cpu_count
+    if count >= 8:
         return BIG_CORES_MASK
-    if b"rk3562" in compatible or b"rv1126b" in compatible:
-        return LITTLE_SOC_MASK
-    return BIG_CORES_MASK
+    return (1 << max(1, min(count, 4))) - 1
 
 
 def sampling_from_params(params: dict[str, Any], base: SamplingOptions | None = None) -> SamplingOptions:

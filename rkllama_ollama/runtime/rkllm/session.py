@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from rkllama_ollama.runtime.base import (
+    NATIVE_LOG_ENV,
     Cancel,
     ContextOverflow,
     EmbedResult,
@@ -47,6 +48,7 @@ from rkllama_ollama.runtime.rkllm import abi
 from rkllama_ollama.runtime.rkllm.abi import Family
 from rkllama_ollama.runtime.rkllm.library import RkllmLibrary, open_library
 from rkllama_ollama.runtime.rkllm.params import load_params, sampling_key
+from rkllama_ollama.runtime.rkllm.startup import StartupProblem, diagnose, error_lines
 from rkllama_ollama.runtime.rkllm.tokens import PromptTokenizer, load_tokenizer, resolve_tokenizer_dir
 
 log = logging.getLogger(__name__)
@@ -55,15 +57,30 @@ _CONTEXT_LIMIT = re.compile(r"max_context_limit:\s*(\d+)")
 _LIBC = ctypes.CDLL(None)
 
 
+_IOLBF = 1
+
+
+def _line_buffer_c_stdout() -> None:
+    """C stdout redirected to a file is fully buffered: a crash would lose what is buffered."""
+    try:
+        stdout = ctypes.c_void_p.in_dll(_LIBC, "stdout")
+        _LIBC.setvbuf(stdout, None, _IOLBF, 0)
+    except (AttributeError, ValueError, OSError):  # not glibc
+        pass
+
+
 @contextlib.contextmanager
-def capture_native_output(sink: list[str]) -> Iterator[None]:
-    """Redirect fds 1 and 2 (C stdio included) into `sink` lines for the duration of the block."""
+def capture_native_output(sink: list[str], keep_at: str | None = None) -> Iterator[None]:
+    """Redirect fds 1 and 2 (C stdio included) into `sink` lines for the duration of the block; with
+    `keep_at`, through that file (truncated first and left in place)."""
     _LIBC.fflush(None)
     saved = (os.dup(1), os.dup(2))
-    with tempfile.TemporaryFile() as scratch:
+    scratch = open(keep_at, "w+b") if keep_at else tempfile.TemporaryFile()  # noqa: SIM115
+    with scratch:
         try:
             os.dup2(scratch.fileno(), 1)
             os.dup2(scratch.fileno(), 2)
+            _line_buffer_c_stdout()
             yield
         finally:
             _LIBC.fflush(None)
@@ -183,16 +200,22 @@ class RkllmSession:
             third = self._callback
         handle = ctypes.c_void_p()
         output: list[str] = []
-        with capture_native_output(output):
+        with capture_native_output(output, os.environ.get(NATIVE_LOG_ENV) or None):
             rc = self._lib.rkllm_init(ctypes.byref(handle), ctypes.byref(self._param), third)
         for line in output:
             log.info("rkllm: %s", line)
-        if rc != 0 or not handle.value:
-            errors = [line for line in output if line.startswith("E ")]
-            detail = "; ".join(errors[-3:]) if errors else f"rkllm_init returned {rc}"
+        problem = diagnose(output)
+        if rc != 0 or not handle.value or (problem is not None and problem.fatal):
+            if rc == 0 and handle.value:
+                # 1.1.x reports success for a model it did not load; the handle would crash the first
+                # run, and destroying it may too. It is left to the process exit (the runner ends).
+                log.error("rkllm_init returned 0 but the runtime reported a failure: not using the handle")
             raise RuntimeFailure(
-                f"could not load {self._spec.model_path} with the RKLLM runtime {self._version}: {detail}"
+                f"could not load {self._spec.model_path} with the RKLLM runtime {self._version}: "
+                + self._init_failure_detail(rc, problem, output)
             )
+        if problem is not None:
+            log.warning("RKLLM runtime start-up: %s", problem.message())
         for line in output:
             match = _CONTEXT_LIMIT.search(line)
             if match and 0 < int(match.group(1)) < self._load.num_ctx:
@@ -207,6 +230,16 @@ class RkllmSession:
         self._cached = []
         self._kv_dirty = False
         self._loaded_sampling = sampling
+
+    @staticmethod
+    def _init_failure_detail(rc: int, problem: StartupProblem | None, output: list[str]) -> str:
+        if problem is not None and problem.fatal:
+            return problem.message()
+        errors = error_lines(output)
+        said = f" (the runtime said: {'; '.join(errors)})" if errors else ""
+        if rc == 0:
+            return f"rkllm_init returned 0 without a model handle{said}"
+        return f"rkllm_init returned {rc}{said}"
 
     def _destroy_handle(self) -> None:
         with self._handle_lock:
