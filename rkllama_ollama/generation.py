@@ -43,6 +43,18 @@ from rkllama_ollama.structured import (
 
 log = logging.getLogger(__name__)
 
+
+def _missing_template_hint(entry: ModelEntry) -> str:
+    """Why a model renders with ChatML, and what would give it its own template (one log line)."""
+    if entry.format != "rkllm":
+        return "using ChatML (the weights carry no tokenizer.chat_template)"
+    repo = entry.modelfile.huggingface_path
+    where = f"{entry.folder / 'tokenizer'}"
+    if repo:
+        where += f" nor the Hugging Face cache of HUGGINGFACE_PATH={repo}"
+    return f"using ChatML (no tokenizer_config.json with a chat_template in {where})"
+
+
 # Options that change how a model is loaded; a different value reloads it.
 LOAD_OPTIONS = ("num_ctx", "num_thread")
 
@@ -323,6 +335,10 @@ class Generator:
         if template is None:
             entry = loaded.entry
             source = entry.chat_template or loaded.info.chat_template
+            if not source:
+                log.warning(
+                    "model=%s has no chat template: %s", entry.name.display, _missing_template_hint(entry)
+                )
             template = ChatTemplate(
                 source or "",
                 bos_token=entry.bos_token or loaded.info.bos_token,

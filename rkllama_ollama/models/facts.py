@@ -196,21 +196,22 @@ def guess_rkllm_name_facts(file_name: str) -> dict[str, str]:
     }
 
 
-def hf_support_files(folder: Path) -> list[Path]:
+def hf_support_files(folder: Path, tokenizer_dir: Path | None = None) -> list[Path]:
     """Hugging Face files whose change invalidates cached `rkllm_facts`."""
-    tokenizer = folder / "tokenizer"
+    tokenizer = tokenizer_dir or folder / "tokenizer"
     names = ("config.json", "tokenizer_config.json", *TEMPLATE_FILES)
     return [base / name for base in (tokenizer, folder) for name in names]
 
 
-def rkllm_facts(path: Path) -> dict[str, Any]:
-    """Facts for an ``.rkllm`` model: the file name, plus the HF files in ``tokenizer/`` if present."""
+def rkllm_facts(path: Path, tokenizer_dir: Path | None = None) -> dict[str, Any]:
+    """Facts for an ``.rkllm`` model: the file name, plus the HF files in `tokenizer_dir` (by default
+    the model's ``tokenizer/`` folder; the Hugging Face cache snapshot for RKLLama models) if present."""
     folder = path.parent
     guessed = guess_rkllm_name_facts(path.name)
     config: dict[str, Any] = {}
     tokenizer_config: dict[str, Any] = {}
     chat_template: str | None = None
-    for base in (folder / "tokenizer", folder):
+    for base in (tokenizer_dir or folder / "tokenizer", folder):
         config = config or _read_json(base / "config.json")
         tokenizer_config = tokenizer_config or _read_json(base / "tokenizer_config.json")
         for name in TEMPLATE_FILES:
@@ -253,10 +254,10 @@ def rkllm_facts(path: Path) -> dict[str, Any]:
     }
 
 
-def weights_facts(path: Path) -> dict[str, Any]:
+def weights_facts(path: Path, tokenizer_dir: Path | None = None) -> dict[str, Any]:
     """Facts for a weights file of either format; an unreadable GGUF gives file-name facts only."""
     if path.suffix.lower() == ".rkllm":
-        return rkllm_facts(path)
+        return rkllm_facts(path, tokenizer_dir)
     try:
         return gguf_facts(path)
     except (GGUFError, OSError) as exc:

@@ -1,0 +1,238 @@
+"""An RKLLama store served as is: models with only ``HUGGINGFACE_PATH`` (tokenizer in the Hugging Face
+cache), and every Modelfile key RKLLama writes.
+
+The store is built the way RKLLama lays it out (``models/<name>/Modelfile`` + the ``.rkllm``, no
+``tokenizer/`` folder); the Hugging Face cache is a tmp ``HF_HOME`` the test fills itself; the daemon
+runs offline (``HF_HUB_OFFLINE=1``) against the RKLLM simulator.
+
+How the template in use is proven: the tokenizer has one id per UTF-8 byte plus the Llama-3 special
+tokens as single ids, and the simulator counts the ids it is fed; so ``prompt_eval_count`` of a first
+turn is the token length of exactly the prompt that was rendered, which differs between Llama-3 and
+ChatML renderings of the same conversation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import ollama
+import pytest
+
+from tests.rkllm_support.hf_cache import LLAMA3_TEMPLATE, llama3_tokenizer_files, write_cached_repo
+from tests.rkllm_support.sim import build_simulators, write_model
+from tests.support.daemon import Daemon
+
+LLAMA_REPO = "meta-llama/Llama-3.2-1B-Instruct"
+LLAMA_FILE = "Llama-3.2-1B-Instruct-rk3588-w8a8-opt-0-hybrid-ratio-0.0.rkllm"
+SYSTEM = "You are a terse assistant."
+REPLY = "Hello from the simulator, a reply long enough to be cut by MAX_NEW_TOKENS."
+
+# What RKLLama's pull writes (its create_modelfile, with its config defaults), key for key.
+RKLLAMA_MODELFILE = f"""FROM="{LLAMA_FILE}"
+
+HUGGINGFACE_PATH="{LLAMA_REPO}"
+
+SYSTEM="{SYSTEM}"
+
+TEMPERATURE=0.5
+
+ENABLE_THINKING=False
+
+NUM_CTX=4096
+
+MAX_NEW_TOKENS=12
+
+TOP_K=7
+
+TOP_P=0.5
+
+REPEAT_PENALTY=1.1
+
+FREQUENCY_PENALTY=0.0
+
+PRESENCE_PENALTY=0.0
+
+MIROSTAT=0
+
+MIROSTAT_TAU=3.0
+
+MIROSTAT_ETA=0.1
+"""
+
+
+def write_rkllama_model(models: Path, folder: str, file_name: str, modelfile: str, **sim: object) -> Path:
+    """One RKLLama model folder: the (simulator) .rkllm and RKLLama's Modelfile, nothing else."""
+    path = write_model(models / folder, **sim)
+    path.rename(models / folder / file_name)
+    (models / folder / "Modelfile").write_text(modelfile, encoding="utf-8")
+    return models / folder
+
+
+def llama3_prompt(messages: list[dict[str, str]]) -> str:
+    """The test's own rendering of the Llama-3-style template (plain jinja2, HF's block settings)."""
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(LLAMA3_TEMPLATE).render(
+        messages=messages, add_generation_prompt=True, bos_token="<|begin_of_text|>"
+    )
+
+
+def chatml_prompt(messages: list[dict[str, str]]) -> str:
+    turns = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return turns + "<|im_start|>assistant\n"
+
+
+def token_count(snapshot: Path, text: str) -> int:
+    from tokenizers import Tokenizer
+
+    return len(
+        Tokenizer.from_file(str(snapshot / "tokenizer.json")).encode(text, add_special_tokens=False).ids
+    )
+
+
+@pytest.fixture(scope="module")
+def rkllama_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, Path]]:
+    root = tmp_path_factory.mktemp("rkllama-store")
+    hf_home = root / "hf-home"
+    snapshot = write_cached_repo(hf_home, LLAMA_REPO, llama3_tokenizer_files())
+    models = root / "RKLLAMA" / "models"
+    write_rkllama_model(models, "llama3.2:1b", LLAMA_FILE, RKLLAMA_MODELFILE, reply=REPLY)
+    uncached = RKLLAMA_MODELFILE.replace(LLAMA_REPO, "someone/not-in-the-cache")
+    write_rkllama_model(models, "orphan", LLAMA_FILE, uncached, reply="ok")
+    env = {
+        "RKLLAMA_RKLLM_LIB": str(build_simulators()["E"]),
+        "HF_HOME": str(hf_home),
+        "HF_HUB_OFFLINE": "1",
+    }
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        env[name] = str(hf_home / "hub")
+    with Daemon(models, env=env).start() as daemon:
+        yield daemon, snapshot
+
+
+def test_a_huggingface_path_only_model_renders_its_own_template_offline(
+    rkllama_daemon: tuple[Daemon, Path],
+) -> None:
+    daemon, snapshot = rkllama_daemon
+    client = ollama.Client(host=daemon.url)
+    reply = client.chat("llama3.2:1b", messages=[{"role": "user", "content": "Hi there"}])
+    sent = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi there"}]
+    llama3 = token_count(snapshot, llama3_prompt(sent))
+    chatml = token_count(snapshot, chatml_prompt(sent))
+    assert llama3 != chatml
+    assert reply.prompt_eval_count == llama3
+    # MAX_NEW_TOKENS from RKLLama's Modelfile bounds the reply
+    assert reply.eval_count == 12 and reply.message.content == REPLY.encode()[:12].decode()
+    shown = client.show("llama3.2:1b")
+    assert shown.template == LLAMA3_TEMPLATE
+    assert "tokenizer from the Hugging Face cache" in daemon.log()
+    assert not [
+        line for line in daemon.log().splitlines() if "model=llama3.2:1b has no chat template" in line
+    ]
+
+
+def test_transformers_apply_chat_template_renders_the_same_prompt(
+    rkllama_daemon: tuple[Daemon, Path],
+) -> None:
+    transformers = pytest.importorskip("transformers", reason="parity check needs the [hf] extra")
+    _, snapshot = rkllama_daemon
+    from rkllama_ollama.chat.template import ChatTemplate
+
+    messages: list[dict[str, Any]] = [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "And now?"},
+    ]
+    reference = transformers.AutoTokenizer.from_pretrained(str(snapshot), local_files_only=True)
+    expected = reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ours = ChatTemplate(LLAMA3_TEMPLATE, bos_token="<|begin_of_text|>").render(messages)
+    assert ours == expected
+
+
+def test_a_model_whose_tokenizer_is_nowhere_falls_back_to_chatml_with_a_warning(
+    rkllama_daemon: tuple[Daemon, Path],
+) -> None:
+    daemon, _ = rkllama_daemon
+    reply = ollama.Client(host=daemon.url).chat("orphan", messages=[{"role": "user", "content": "Hi there"}])
+    sent = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi there"}]
+    # no tokenizer: the prompt is fed as text, one token per UTF-8 byte
+    assert reply.prompt_eval_count == len(chatml_prompt(sent).encode())
+    warnings = [
+        line for line in daemon.log().splitlines() if "model=orphan:latest has no chat template" in line
+    ]
+    assert warnings and warnings[0].startswith("WARNING") and "someone/not-in-the-cache" in warnings[0]
+
+
+# --- where the tokenizer comes from (store level, no daemon) --------------------------------------------
+
+
+@pytest.fixture
+def hf_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "hf-home"
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HOME", str(home))
+    return home
+
+
+def test_hf_hub_cache_follows_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rkllama_ollama.models.tokenizer_files import hf_hub_cache
+
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert hf_hub_cache() == tmp_path / ".cache" / "huggingface" / "hub"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert hf_hub_cache() == tmp_path / "xdg" / "huggingface" / "hub"
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    assert hf_hub_cache() == tmp_path / "home" / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    assert hf_hub_cache() == tmp_path / "cache"
+
+
+def test_store_resolves_tokenizer_folder_first_then_the_hf_cache(tmp_path: Path, hf_home: Path) -> None:
+    from rkllama_ollama.models.store import Store
+    from rkllama_ollama.models.tokenizer_files import TOKENIZER_FOLDER
+
+    models = tmp_path / "models"
+    folder = write_rkllama_model(models, "llama", LLAMA_FILE, RKLLAMA_MODELFILE)
+    store = Store(models, offer_embedded=False)
+    entry = store.resolve("llama")
+    assert entry.tokenizer_dir is None and entry.chat_template is None  # nothing anywhere yet
+
+    snapshot = write_cached_repo(hf_home, LLAMA_REPO, llama3_tokenizer_files())
+    entry = store.resolve("llama")  # the cached facts are refreshed: the cache appeared
+    assert entry.tokenizer_dir == snapshot
+    assert entry.chat_template == LLAMA3_TEMPLATE and entry.eos_token == "<|eot_id|>"
+    assert entry.bos_token == "<|begin_of_text|>"
+
+    own = folder / TOKENIZER_FOLDER
+    own.mkdir()
+    (own / "tokenizer_config.json").write_text('{"chat_template": "{{ messages }}"}', encoding="utf-8")
+    entry = store.resolve("llama")
+    assert entry.tokenizer_dir == own and entry.chat_template == "{{ messages }}"
+
+
+@pytest.mark.parametrize("repo", ["../../etc", "not a repo id", "a/b/c", " "])
+def test_a_bad_huggingface_path_is_no_tokenizer_not_an_error(
+    tmp_path: Path, hf_home: Path, repo: str
+) -> None:
+    from rkllama_ollama.models.store import Store
+
+    (hf_home / "hub").mkdir(parents=True)
+    models = tmp_path / "models"
+    write_rkllama_model(models, "m", LLAMA_FILE, RKLLAMA_MODELFILE.replace(LLAMA_REPO, repo))
+    entry = Store(models, offer_embedded=False).resolve("m")
+    assert entry.tokenizer_dir is None and entry.chat_template is None
+
+
+def test_find_tokenizer_files_says_where_it_found_them(tmp_path: Path, hf_home: Path) -> None:
+    from rkllama_ollama.models.tokenizer_files import find_tokenizer_files
+
+    write_cached_repo(hf_home, LLAMA_REPO, llama3_tokenizer_files())
+    found = find_tokenizer_files(tmp_path, LLAMA_REPO)
+    assert found is not None and found.origin == "hf-cache" and found.repo == LLAMA_REPO
+    assert find_tokenizer_files(tmp_path, None) is None
