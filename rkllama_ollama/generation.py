@@ -261,6 +261,8 @@ class Generator:
         # Init-time defaults come from the Modelfile only: per-request sampling travels in SamplingOptions,
         # so a request's options never change the LoadSpec (which would reload the model).
         params = {k: v for k, v in defaults.items() if k not in LOAD_OPTIONS}
+        if entry.format == "rkllm":  # RKLLama's runtime keys (MIROSTAT*, N_KEEP, ...): RKLLMParam at init
+            params = {**entry.modelfile.rkllm_parameters(), **params}
         return LoadSpec(
             engine="rkllm" if entry.format == "rkllm" else "llamacpp",
             model_path=str(entry.weights),
@@ -328,6 +330,15 @@ class Generator:
         if loaded.load_ns:
             self.observer.model_loaded(entry.name.display, spec.engine, loaded.load_ns)
         return loaded
+
+    @staticmethod
+    def default_think(entry: ModelEntry) -> bool | None:
+        """`think` when the request has none: the Modelfile's ENABLE_THINKING (RKLLama's switch), else
+        on for models that can think."""
+        configured = entry.modelfile.enable_thinking()
+        if configured is not None:
+            return configured
+        return "thinking" in entry.capabilities or None
 
     @staticmethod
     def template_for(loaded: LoadedModel) -> ChatTemplate:
@@ -424,7 +435,7 @@ class Generator:
         entry = request.entry
         options = layer_options(entry.modelfile.parameters, request.options)
         spec = self.load_spec(entry, request.options)
-        think_arg = request.think if request.think is not None else ("thinking" in entry.capabilities or None)
+        think_arg = request.think if request.think is not None else self.default_think(entry)
         model = entry.name.display
         self.observer.generation_started(model)
         async with self.scheduler.turn(interactive=request.interactive):

@@ -404,7 +404,7 @@ class Store:
         if not weights.name.lower().endswith(".rkllm"):
             own = folder / TOKENIZER_FOLDER
             return TokenizerFiles(own, FROM_FOLDER) if own.is_dir() else None
-        found = find_tokenizer_files(folder, modelfile.huggingface_path)
+        found = find_tokenizer_files(folder, modelfile.huggingface_path, modelfile.tokenizer_path())
         if found is not None and found.origin == FROM_HF_CACHE:
             self._note_once(
                 folder.name,

@@ -5,7 +5,8 @@ files of the original model (``tokenizer.json``, ``tokenizer_config.json``, ...)
 this order, offline:
 
 1. ``<model folder>/tokenizer/`` (what ``pull`` writes);
-2. the Hugging Face cache, for the repository named by the Modelfile's ``HUGGINGFACE_PATH`` (where an
+2. the folder named by the Modelfile's ``TOKENIZER`` key (an early RKLLama way to work offline);
+3. the Hugging Face cache, for the repository named by the Modelfile's ``HUGGINGFACE_PATH`` (where an
    RKLLama install keeps them: RKLLama loads its tokenizer with ``AutoTokenizer.from_pretrained`` of
    that repository). The cache location follows huggingface_hub's environment: ``HF_HUB_CACHE``, else
    ``HF_HOME/hub``, else ``$XDG_CACHE_HOME/huggingface/hub``, else ``~/.cache/huggingface/hub``.
@@ -29,6 +30,7 @@ TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model
 
 FROM_FOLDER = "folder"
 FROM_HF_CACHE = "hf-cache"
+FROM_TOKENIZER_KEY = "modelfile-tokenizer"
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,15 @@ class TokenizerFiles:
     directory: Path
     origin: str
     repo: str | None = None
+
+
+_warned: set[str] = set()  # the store is listed often: each problem is logged once per process
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning("%s", message)
 
 
 def hf_hub_cache() -> Path:
@@ -69,18 +80,27 @@ def find_in_hf_cache(repo_id: str, cache_dir: Path | None = None) -> Path | None
         try:
             found = try_to_load_from_cache(repo_id, name, cache_dir=cache)
         except HFValidationError as exc:
-            log.warning("HUGGINGFACE_PATH %r is not a Hugging Face repository id: %s", repo_id, exc)
+            _warn_once(f"HUGGINGFACE_PATH {repo_id!r} is not a Hugging Face repository id: {exc}")
             return None
         if isinstance(found, str):  # a path; None = unknown, a sentinel object = known to be absent
             return Path(found).parent
     return None
 
 
-def find_tokenizer_files(folder: Path, huggingface_path: str | None) -> TokenizerFiles | None:
-    """The tokenizer files of the model in `folder`: its ``tokenizer/`` folder, else the HF cache."""
+def find_tokenizer_files(
+    folder: Path, huggingface_path: str | None, tokenizer_path: str | None = None
+) -> TokenizerFiles | None:
+    """The tokenizer files of the model in `folder`: its ``tokenizer/`` folder, else the folder named by
+    the Modelfile's legacy ``TOKENIZER`` key (absolute, or relative to the model folder), else the HF cache.
+    """
     own = folder / TOKENIZER_FOLDER
     if own.is_dir() and has_tokenizer_files(own):
         return TokenizerFiles(own, FROM_FOLDER)
+    if tokenizer_path:
+        named = (folder / Path(tokenizer_path).expanduser()).absolute()
+        if named.is_dir() and has_tokenizer_files(named):
+            return TokenizerFiles(named, FROM_TOKENIZER_KEY)
+        _warn_once(f"Modelfile TOKENIZER={tokenizer_path} in {folder} is not a folder of tokenizer files")
     repo = (huggingface_path or "").strip()
     if repo:
         cached = find_in_hf_cache(repo)
