@@ -21,11 +21,17 @@ import jinja2
 import ollama
 import pytest
 
-from tests.rkllm_support.hf_cache import LLAMA3_TEMPLATE, llama3_tokenizer_files, write_cached_repo
+from tests.rkllm_support.hf_cache import (
+    LLAMA3_TEMPLATE,
+    llama3_tokenizer_files,
+    vocab_merges_tokenizer_files,
+    write_cached_repo,
+)
 from tests.rkllm_support.sim import build_simulators, write_model
 from tests.support.daemon import Daemon
 
 LLAMA_REPO = "meta-llama/Llama-3.2-1B-Instruct"
+VOCAB_ONLY_REPO = "acme/llama-3-vocab-only"
 LLAMA_FILE = "Llama-3.2-1B-Instruct-rk3588-w8a8-opt-0-hybrid-ratio-0.0.rkllm"
 SYSTEM = "You are a terse assistant."
 REPLY = "Hello from the simulator, a reply long enough to be cut by MAX_NEW_TOKENS."
@@ -99,6 +105,9 @@ def rkllama_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[D
     snapshot = write_cached_repo(hf_home, LLAMA_REPO, llama3_tokenizer_files())
     models = root / "RKLLAMA" / "models"
     write_rkllama_model(models, "llama3.2:1b", LLAMA_FILE, RKLLAMA_MODELFILE, reply=REPLY)
+    write_cached_repo(hf_home, VOCAB_ONLY_REPO, vocab_merges_tokenizer_files())
+    vocab_only = RKLLAMA_MODELFILE.replace(LLAMA_REPO, VOCAB_ONLY_REPO)
+    write_rkllama_model(models, "vocab-only", LLAMA_FILE, vocab_only, reply=REPLY)
     uncached = RKLLAMA_MODELFILE.replace(LLAMA_REPO, "someone/not-in-the-cache")
     write_rkllama_model(models, "orphan", LLAMA_FILE, uncached, reply="ok")
     env = {
@@ -150,6 +159,20 @@ def test_transformers_apply_chat_template_renders_the_same_prompt(
     expected = reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ours = ChatTemplate(LLAMA3_TEMPLATE, bos_token="<|begin_of_text|>").render(messages)
     assert ours == expected
+
+
+def test_a_cached_tokenizer_without_tokenizer_json_is_used_through_transformers(
+    rkllama_daemon: tuple[Daemon, Path],
+) -> None:
+    pytest.importorskip("transformers", reason="needs the [hf] extra")
+    daemon, snapshot = rkllama_daemon
+    reply = ollama.Client(host=daemon.url).chat(
+        "vocab-only", messages=[{"role": "user", "content": "Hi there"}]
+    )
+    sent = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi there"}]
+    assert reply.prompt_eval_count == token_count(
+        snapshot, llama3_prompt(sent)
+    )  # the same ids as tokenizer.json
 
 
 def test_a_model_whose_tokenizer_is_nowhere_falls_back_to_chatml_with_a_warning(
@@ -236,3 +259,43 @@ def test_find_tokenizer_files_says_where_it_found_them(tmp_path: Path, hf_home: 
     found = find_tokenizer_files(tmp_path, LLAMA_REPO)
     assert found is not None and found.origin == "hf-cache" and found.repo == LLAMA_REPO
     assert find_tokenizer_files(tmp_path, None) is None
+
+
+# --- tokenizers without tokenizer.json (transformers, the optional [hf] extra) ---------------------------
+
+
+def test_a_tokenizer_without_tokenizer_json_is_loaded_with_transformers(tmp_path: Path) -> None:
+    pytest.importorskip("transformers", reason="needs the [hf] extra")
+    from rkllama_ollama.runtime.rkllm.tokens import TransformersTokenizer, load_tokenizer
+    from tests.rkllm_support.hf_cache import vocab_merges_tokenizer_files
+
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    for name, data in vocab_merges_tokenizer_files().items():
+        (folder / name).write_bytes(data)
+    tokenizer, facts = load_tokenizer(folder)
+    assert isinstance(tokenizer, TransformersTokenizer) and tokenizer.feeds_tokens
+    assert facts.chat_template == LLAMA3_TEMPLATE and facts.eos_token == "<|eot_id|>"
+    ids = tokenizer.encode("<|begin_of_text|>hé")
+    assert ids == [256, ord("h"), 0xC3, 0xA9]
+    assert tokenizer.decode(ids) == "<|begin_of_text|>hé"
+    assert tokenizer.token_id("<|eot_id|>") == 259 and tokenizer.token_id("<|no such token|>") is None
+
+
+def test_without_transformers_such_a_tokenizer_feeds_text_and_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import sys
+
+    from rkllama_ollama.runtime.rkllm.tokens import ByteTokenizer, load_tokenizer
+    from tests.rkllm_support.hf_cache import vocab_merges_tokenizer_files
+
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    for name, data in vocab_merges_tokenizer_files().items():
+        (folder / name).write_bytes(data)
+    monkeypatch.setitem(sys.modules, "transformers", None)  # what a board install without [hf] has
+    tokenizer, facts = load_tokenizer(folder)
+    assert isinstance(tokenizer, ByteTokenizer) and not tokenizer.feeds_tokens
+    assert facts.chat_template == LLAMA3_TEMPLATE  # the template still comes from tokenizer_config.json
+    assert "rkllama-ollama[hf]" in caplog.text and str(folder) in caplog.text

@@ -199,7 +199,7 @@ def guess_rkllm_name_facts(file_name: str) -> dict[str, str]:
 def hf_support_files(folder: Path, tokenizer_dir: Path | None = None) -> list[Path]:
     """Hugging Face files whose change invalidates cached `rkllm_facts`."""
     tokenizer = tokenizer_dir or folder / "tokenizer"
-    names = ("config.json", "tokenizer_config.json", *TEMPLATE_FILES)
+    names = ("config.json", "tokenizer_config.json", "chat_template.json", *TEMPLATE_FILES)
     return [base / name for base in (tokenizer, folder) for name in names]
 
 
@@ -221,6 +221,8 @@ def rkllm_facts(path: Path, tokenizer_dir: Path | None = None) -> dict[str, Any]
                 except (OSError, UnicodeDecodeError) as exc:
                     log.warning("unreadable chat template path=%s error=%s", base / name, exc)
     chat_template = chat_template or _hf_chat_template(tokenizer_config)
+    for base in (tokenizer_dir or folder / "tokenizer", folder):  # {"chat_template": ...} of processors
+        chat_template = chat_template or _hf_chat_template(_read_json(base / "chat_template.json"))
     family = guessed["family"] or str(config.get("model_type") or "")
     architecture = family or "rkllm"
     max_context = _int(config.get("max_position_embeddings"))

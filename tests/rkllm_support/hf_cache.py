@@ -62,3 +62,24 @@ def llama3_tokenizer_files() -> dict[str, bytes]:
         "tokenizer.json": tokenizer.to_str().encode(),
         "tokenizer_config.json": json.dumps(config).encode(),
     }
+
+
+def vocab_merges_tokenizer_files(chat_template: str = LLAMA3_TEMPLATE) -> dict[str, bytes]:
+    """A tokenizer with no tokenizer.json: GPT-2-style `vocab.json` + `merges.txt` (one id per byte, the
+    Llama-3 specials after them), which only transformers can load."""
+    vocab = {char: byte for byte, char in _bytes_to_unicode().items()}
+    for offset, token in enumerate(LLAMA3_SPECIALS):
+        vocab[token] = 256 + offset
+    config = {
+        "tokenizer_class": "GPT2Tokenizer",
+        "bos_token": "<|begin_of_text|>",
+        "eos_token": "<|eot_id|>",
+        "unk_token": "<|eot_id|>",
+        "additional_special_tokens": list(LLAMA3_SPECIALS),
+        "chat_template": chat_template,
+    }
+    return {
+        "vocab.json": json.dumps(vocab).encode(),
+        "merges.txt": b"#version: 0.2\n",
+        "tokenizer_config.json": json.dumps(config).encode(),
+    }
