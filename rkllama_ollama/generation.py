@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from rkllama_ollama.chat.parse import OutputPipeline, ToolCall
 from rkllama_ollama.chat.template import ChatTemplate, TemplateError
 from rkllama_ollama.models.store import ModelEntry
+from rkllama_ollama.models.tokenizer_fetch import TokenizerFetcher
 from rkllama_ollama.options import layer_options, sampling_from
 from rkllama_ollama.prefix_keeper import PrefixKeeper
 from rkllama_ollama.runtime.base import (
@@ -247,6 +248,11 @@ class Generator:
         self.cpus = cpus
         self.observer: GenerationObserver = observer or NullObserver()
         self.prefix_keeper = PrefixKeeper(scheduler)
+        # Downloads missing tokenizer files of RKLLama-style models once (set by the app; None: never).
+        self.tokenizers: TokenizerFetcher | None = None
+
+    async def _complete(self, entry: ModelEntry) -> ModelEntry:
+        return entry if self.tokenizers is None else await self.tokenizers.complete(entry)
 
     # -- loading --------------------------------------------------------------------------------
 
@@ -291,6 +297,7 @@ class Generator:
         Raises ContextOverflow when an input exceeds the context and `truncate` is off.
         """
         started = time.perf_counter_ns()
+        entry = await self._complete(entry)
         spec = self.load_spec(entry, options or {}, embedding=True)
         async with self.scheduler.turn(interactive=True):
             loaded = await self._ensure_loaded(entry, spec, keep_alive_s)
@@ -313,6 +320,7 @@ class Generator:
 
     async def load(self, entry: ModelEntry, options: dict[str, Any], keep_alive_s: float | None) -> int:
         """Load-only request: returns load_ns."""
+        entry = await self._complete(entry)
         spec = self.load_spec(entry, options)
         async with self.scheduler.turn(interactive=True):
             loaded = await self._ensure_loaded(entry, spec, keep_alive_s)
@@ -432,7 +440,9 @@ class Generator:
 
     async def run(self, request: GenerationRequest) -> AsyncIterator[Event]:
         started = time.perf_counter_ns()
-        entry = request.entry
+        entry = await self._complete(request.entry)
+        if entry is not request.entry:
+            request = replace(request, entry=entry)
         options = layer_options(entry.modelfile.parameters, request.options)
         spec = self.load_spec(entry, request.options)
         think_arg = request.think if request.think is not None else self.default_think(entry)

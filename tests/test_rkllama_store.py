@@ -29,6 +29,7 @@ from tests.rkllm_support.hf_cache import (
 )
 from tests.rkllm_support.sim import build_simulators, write_model
 from tests.support.daemon import Daemon
+from tests.support.fake_hub import FakeHub
 
 LLAMA_REPO = "meta-llama/Llama-3.2-1B-Instruct"
 VOCAB_ONLY_REPO = "acme/llama-3-vocab-only"
@@ -299,3 +300,64 @@ def test_without_transformers_such_a_tokenizer_feeds_text_and_says_why(
     assert isinstance(tokenizer, ByteTokenizer) and not tokenizer.feeds_tokens
     assert facts.chat_template == LLAMA3_TEMPLATE  # the template still comes from tokenizer_config.json
     assert "rkllama-ollama[hf]" in caplog.text and str(folder) in caplog.text
+
+
+# --- the one-time download into tokenizer/ when online (the fake hub, never the network) -----------------
+
+
+@pytest.fixture(scope="module")
+def online_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, FakeHub, Path]]:
+    root = tmp_path_factory.mktemp("rkllama-online")
+    hub = FakeHub()
+    hub.add(LLAMA_REPO, {**llama3_tokenizer_files(), "README.md": b"not a tokenizer file"})
+    hub.start()
+    models = root / "models"
+    write_rkllama_model(models, "llama3.2:1b", LLAMA_FILE, RKLLAMA_MODELFILE, reply=REPLY)
+    missing = RKLLAMA_MODELFILE.replace(LLAMA_REPO, "someone/not-on-the-hub")
+    write_rkllama_model(models, "orphan", LLAMA_FILE, missing, reply="ok")
+    env = {
+        "RKLLAMA_RKLLM_LIB": str(build_simulators()["E"]),
+        "HF_ENDPOINT": hub.url,
+        "HF_HOME": str(root / "empty-hf-home"),
+        "HF_HUB_CACHE": str(root / "empty-hf-home" / "hub"),
+        "HUGGINGFACE_HUB_CACHE": str(root / "empty-hf-home" / "hub"),
+        "HF_HUB_OFFLINE": "0",
+    }
+    try:
+        with Daemon(models, env=env).start() as daemon:
+            yield daemon, hub, models
+    finally:
+        hub.stop()
+
+
+def test_online_the_tokenizer_is_downloaded_once_into_the_model_folder(
+    online_daemon: tuple[Daemon, FakeHub, Path],
+) -> None:
+    daemon, hub, models = online_daemon
+    client = ollama.Client(host=daemon.url)
+    sent = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi there"}]
+    reply = client.chat("llama3.2:1b", messages=[{"role": "user", "content": "Hi there"}])
+    tokenizer = models / "llama3.2:1b" / "tokenizer"
+    assert sorted(p.name for p in tokenizer.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    assert reply.prompt_eval_count == token_count(tokenizer, llama3_prompt(sent))  # used at once
+    assert client.show("llama3.2:1b").template == LLAMA3_TEMPLATE
+    assert not [p for p in (models / "llama3.2:1b").iterdir() if p.name.startswith(".tokenizer-")]
+    downloads = len(hub.file_requests("tokenizer.json"))
+    client.chat("llama3.2:1b", messages=[{"role": "user", "content": "again"}])
+    assert len(hub.file_requests("tokenizer.json")) == downloads == 1  # one-time
+    log = daemon.log()
+    assert f"tokenizer download model=llama3.2:1b repo={LLAMA_REPO}" in log and "done in" in log
+
+
+def test_online_a_repository_that_is_not_there_is_tried_once_then_chatml(
+    online_daemon: tuple[Daemon, FakeHub, Path],
+) -> None:
+    daemon, hub, models = online_daemon
+    client = ollama.Client(host=daemon.url)
+    for _ in range(2):
+        reply = client.chat("orphan", messages=[{"role": "user", "content": "Hi"}])
+        assert reply.message.content == "ok"
+    assert not (models / "orphan" / "tokenizer").exists()
+    failures = [line for line in daemon.log().splitlines() if "repo=someone/not-on-the-hub failed" in line]
+    assert len(failures) == 1 and failures[0].startswith("WARNING")
+    assert len([r for r in hub.requests if "someone/not-on-the-hub" in r[1]]) == 1
