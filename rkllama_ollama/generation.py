@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from rkllama_ollama.chat.parse import OutputPipeline, ToolCall
-from rkllama_ollama.chat.template import ChatTemplate, TemplateError
+from rkllama_ollama.chat.template import ChatTemplate, TemplateError, template_from_runtime_pieces
 from rkllama_ollama.models.store import ModelEntry
 from rkllama_ollama.models.tokenizer_fetch import TokenizerFetcher
 from rkllama_ollama.options import layer_options, sampling_from
@@ -269,6 +269,9 @@ class Generator:
         params = {k: v for k, v in defaults.items() if k not in LOAD_OPTIONS}
         if entry.format == "rkllm":  # RKLLama's runtime keys (MIROSTAT*, N_KEEP, ...): RKLLMParam at init
             params = {**entry.modelfile.rkllm_parameters(), **params}
+            pieces = entry.modelfile.runtime_template()
+            if pieces is not None and not entry.chat_template:  # the runtime's template, as RKLLama sets it
+                params.update(zip(("system_prompt", "prompt_prefix", "prompt_postfix"), pieces, strict=True))
         return LoadSpec(
             engine="rkllm" if entry.format == "rkllm" else "llamacpp",
             model_path=str(entry.weights),
@@ -279,6 +282,7 @@ class Generator:
             # (hidden-layer runs), so a .rkllm model is never reloaded to switch (seconds on a board).
             embedding=embedding and entry.format != "rkllm",
             tokenizer_dir=str(entry.tokenizer_dir) if entry.tokenizer_dir else None,
+            runtime_template=entry.format == "rkllm" and not entry.chat_template,
             # Sampling lives in SamplingOptions per request; rkllm families C-E need init-time defaults.
             params=params if entry.format == "rkllm" else {},
         )
@@ -354,6 +358,13 @@ class Generator:
         if template is None:
             entry = loaded.entry
             source = entry.chat_template or loaded.info.chat_template
+            pieces = entry.modelfile.runtime_template() if entry.format == "rkllm" else None
+            if not source and pieces is not None:
+                log.info(
+                    "model=%s renders with its Modelfile's SYSTEM_PROMPT/PROMPT_PREFIX/PROMPT_POSTFIX",
+                    entry.name.display,
+                )
+                source = template_from_runtime_pieces(*pieces)
             if not source:
                 log.warning(
                     "model=%s has no chat template: %s", entry.name.display, _missing_template_hint(entry)

@@ -176,17 +176,41 @@ def test_a_cached_tokenizer_without_tokenizer_json_is_used_through_transformers(
     )  # the same ids as tokenizer.json
 
 
-def test_a_model_whose_tokenizer_is_nowhere_falls_back_to_chatml_with_a_warning(
+def test_a_model_whose_tokenizer_is_nowhere_uses_the_template_built_into_the_rkllm(
     rkllama_daemon: tuple[Daemon, Path],
 ) -> None:
     daemon, _ = rkllama_daemon
     reply = ollama.Client(host=daemon.url).chat("orphan", messages=[{"role": "user", "content": "Hi there"}])
+    # runtime 1.2.1: the conversation goes as one user turn, the runtime wraps it in its own template
+    # (the simulator's: ChatML-like prefix and postfix) and reports what it prefilled
+    folded = f"{SYSTEM}\n\nHi there"
+    assert reply.prompt_eval_count == len(folded) + len(
+        "<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert "applies the chat template of the .rkllm file" in daemon.log()
+    assert "model=orphan:latest has no chat template" not in daemon.log()
+
+
+def test_on_runtime_1_1_a_model_whose_tokenizer_is_nowhere_falls_back_to_chatml_with_a_warning(
+    tmp_path: Path,
+) -> None:
+    models = tmp_path / "models"
+    uncached = RKLLAMA_MODELFILE.replace(LLAMA_REPO, "someone/not-in-the-cache")
+    write_rkllama_model(models, "orphan", LLAMA_FILE, uncached, reply="ok")
+    env = {
+        "RKLLAMA_RKLLM_LIB": str(build_simulators()["C"]),
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_HUB_OFFLINE": "1",
+    }
+    with Daemon(models, env=env).start() as daemon:
+        reply = ollama.Client(host=daemon.url).chat(
+            "orphan", messages=[{"role": "user", "content": "Hi there"}]
+        )
+        log = daemon.log()
     sent = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi there"}]
     # no tokenizer: the prompt is fed as text, one token per UTF-8 byte
     assert reply.prompt_eval_count == len(chatml_prompt(sent).encode())
-    warnings = [
-        line for line in daemon.log().splitlines() if "model=orphan:latest has no chat template" in line
-    ]
+    warnings = [line for line in log.splitlines() if "model=orphan:latest has no chat template" in line]
     assert warnings and warnings[0].startswith("WARNING") and "someone/not-in-the-cache" in warnings[0]
 
 

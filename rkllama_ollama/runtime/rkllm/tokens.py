@@ -129,6 +129,20 @@ def _transformers_tokenizer(tokenizer_dir: Path) -> PromptTokenizer:
     return ByteTokenizer()
 
 
+# The server's template for a model that relies on the chat template built into its .rkllm (runtime
+# 1.2.0+, no tokenizer files): the runtime wraps each prompt in its own system prompt, prefix and postfix,
+# one turn per run, so the conversation is folded into the text of that one user turn: system messages
+# first, earlier turns as "Role: text" paragraphs, the last message as is.
+RUNTIME_TURN_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message.role == 'system' %}{{ message.content }}{{ '\n\n' }}"
+    "{% elif loop.last %}{{ message.content }}"
+    "{% else %}{{ message.role | capitalize }}: {{ message.content }}{{ '\n\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+)
+
+
 @dataclass(frozen=True)
 class TemplateFacts:
     chat_template: str | None = None
