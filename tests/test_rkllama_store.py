@@ -197,21 +197,26 @@ def test_on_runtime_1_1_a_model_whose_tokenizer_is_nowhere_falls_back_to_chatml_
     models = tmp_path / "models"
     uncached = RKLLAMA_MODELFILE.replace(LLAMA_REPO, "someone/not-in-the-cache")
     write_rkllama_model(models, "orphan", LLAMA_FILE, uncached, reply="ok")
+    pieces = uncached + 'SYSTEM_PROMPT="<<SYS>>"\nPROMPT_PREFIX="[INST] "\nPROMPT_POSTFIX=" [/INST]"\n'
+    write_rkllama_model(models, "pieces", LLAMA_FILE, pieces, reply="ok")
     env = {
         "RKLLAMA_RKLLM_LIB": str(build_simulators()["C"]),
         "HF_HOME": str(tmp_path / "hf"),
         "HF_HUB_OFFLINE": "1",
     }
     with Daemon(models, env=env).start() as daemon:
-        reply = ollama.Client(host=daemon.url).chat(
-            "orphan", messages=[{"role": "user", "content": "Hi there"}]
-        )
+        client = ollama.Client(host=daemon.url)
+        reply = client.chat("orphan", messages=[{"role": "user", "content": "Hi there"}])
+        # 1.1.x applies no template itself: the Modelfile's three pieces are rendered by the daemon
+        with_pieces = client.chat("pieces", messages=[{"role": "user", "content": "Hi there"}])
         log = daemon.log()
     sent = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi there"}]
     # no tokenizer: the prompt is fed as text, one token per UTF-8 byte
     assert reply.prompt_eval_count == len(chatml_prompt(sent).encode())
     warnings = [line for line in log.splitlines() if "model=orphan:latest has no chat template" in line]
     assert warnings and warnings[0].startswith("WARNING") and "someone/not-in-the-cache" in warnings[0]
+    assert with_pieces.prompt_eval_count == len(f"<<SYS>>[INST] {SYSTEM}\n\nHi there [/INST]")
+    assert "model=pieces:latest has no chat template" not in log
 
 
 # --- where the tokenizer comes from (store level, no daemon) --------------------------------------------
