@@ -20,6 +20,8 @@ from typing import Any
 import jinja2
 import ollama
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.rkllm_support.hf_cache import (
     LLAMA3_TEMPLATE,
@@ -390,3 +392,13 @@ def test_online_a_repository_that_is_not_there_is_tried_once_then_chatml(
     failures = [line for line in daemon.log().splitlines() if "repo=someone/not-on-the-hub failed" in line]
     assert len(failures) == 1 and failures[0].startswith("WARNING")
     assert len([r for r in hub.requests if "someone/not-on-the-hub" in r[1]]) == 1
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(repo=st.text(max_size=60))
+def test_any_huggingface_path_is_looked_up_without_raising(tmp_path: Path, hf_home: Path, repo: str) -> None:
+    from rkllama_ollama.models.tokenizer_files import find_tokenizer_files
+
+    write_cached_repo(hf_home, LLAMA_REPO, llama3_tokenizer_files())
+    found = find_tokenizer_files(tmp_path, repo)
+    assert found is None or (found.repo == repo.strip() == LLAMA_REPO)
