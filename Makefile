@@ -20,7 +20,7 @@ $(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/pip install -q -e '.[cpu,test]'
+	$(BIN)/pip install -q -e '.[cpu,test,hf]'
 	touch $@
 
 install: $(VENV)/.installed

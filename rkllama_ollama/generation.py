@@ -19,8 +19,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from rkllama_ollama.chat.parse import OutputPipeline, ToolCall
-from rkllama_ollama.chat.template import ChatTemplate, TemplateError
+from rkllama_ollama.chat.template import ChatTemplate, TemplateError, template_from_runtime_pieces
 from rkllama_ollama.models.store import ModelEntry
+from rkllama_ollama.models.tokenizer_fetch import TokenizerFetcher
 from rkllama_ollama.options import layer_options, sampling_from
 from rkllama_ollama.prefix_keeper import PrefixKeeper
 from rkllama_ollama.runtime.base import (
@@ -42,6 +43,18 @@ from rkllama_ollama.structured import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def _missing_template_hint(entry: ModelEntry) -> str:
+    """Why a model renders with ChatML, and what would give it its own template (one log line)."""
+    if entry.format != "rkllm":
+        return "using ChatML (the weights carry no tokenizer.chat_template)"
+    repo = entry.modelfile.huggingface_path
+    where = f"{entry.folder / 'tokenizer'}"
+    if repo:
+        where += f" nor the Hugging Face cache of HUGGINGFACE_PATH={repo}"
+    return f"using ChatML (no tokenizer_config.json with a chat_template in {where})"
+
 
 # Options that change how a model is loaded; a different value reloads it.
 LOAD_OPTIONS = ("num_ctx", "num_thread")
@@ -235,6 +248,11 @@ class Generator:
         self.cpus = cpus
         self.observer: GenerationObserver = observer or NullObserver()
         self.prefix_keeper = PrefixKeeper(scheduler)
+        # Downloads missing tokenizer files of RKLLama-style models once (set by the app; None: never).
+        self.tokenizers: TokenizerFetcher | None = None
+
+    async def _complete(self, entry: ModelEntry) -> ModelEntry:
+        return entry if self.tokenizers is None else await self.tokenizers.complete(entry)
 
     # -- loading --------------------------------------------------------------------------------
 
@@ -249,6 +267,11 @@ class Generator:
         # Init-time defaults come from the Modelfile only: per-request sampling travels in SamplingOptions,
         # so a request's options never change the LoadSpec (which would reload the model).
         params = {k: v for k, v in defaults.items() if k not in LOAD_OPTIONS}
+        if entry.format == "rkllm":  # RKLLama's runtime keys (MIROSTAT*, N_KEEP, ...): RKLLMParam at init
+            params = {**entry.modelfile.rkllm_parameters(), **params}
+            pieces = entry.modelfile.runtime_template()
+            if pieces is not None and not entry.chat_template:  # the runtime's template, as RKLLama sets it
+                params.update(zip(("system_prompt", "prompt_prefix", "prompt_postfix"), pieces, strict=True))
         return LoadSpec(
             engine="rkllm" if entry.format == "rkllm" else "llamacpp",
             model_path=str(entry.weights),
@@ -259,6 +282,7 @@ class Generator:
             # (hidden-layer runs), so a .rkllm model is never reloaded to switch (seconds on a board).
             embedding=embedding and entry.format != "rkllm",
             tokenizer_dir=str(entry.tokenizer_dir) if entry.tokenizer_dir else None,
+            runtime_template=entry.format == "rkllm" and not entry.chat_template,
             # Sampling lives in SamplingOptions per request; rkllm families C-E need init-time defaults.
             params=params if entry.format == "rkllm" else {},
         )
@@ -277,6 +301,7 @@ class Generator:
         Raises ContextOverflow when an input exceeds the context and `truncate` is off.
         """
         started = time.perf_counter_ns()
+        entry = await self._complete(entry)
         spec = self.load_spec(entry, options or {}, embedding=True)
         async with self.scheduler.turn(interactive=True):
             loaded = await self._ensure_loaded(entry, spec, keep_alive_s)
@@ -299,6 +324,7 @@ class Generator:
 
     async def load(self, entry: ModelEntry, options: dict[str, Any], keep_alive_s: float | None) -> int:
         """Load-only request: returns load_ns."""
+        entry = await self._complete(entry)
         spec = self.load_spec(entry, options)
         async with self.scheduler.turn(interactive=True):
             loaded = await self._ensure_loaded(entry, spec, keep_alive_s)
@@ -318,11 +344,31 @@ class Generator:
         return loaded
 
     @staticmethod
+    def default_think(entry: ModelEntry) -> bool | None:
+        """`think` when the request has none: the Modelfile's ENABLE_THINKING (RKLLama's switch), else
+        on for models that can think."""
+        configured = entry.modelfile.enable_thinking()
+        if configured is not None:
+            return configured
+        return "thinking" in entry.capabilities or None
+
+    @staticmethod
     def template_for(loaded: LoadedModel) -> ChatTemplate:
         template = loaded.extras.get("template")
         if template is None:
             entry = loaded.entry
             source = entry.chat_template or loaded.info.chat_template
+            pieces = entry.modelfile.runtime_template() if entry.format == "rkllm" else None
+            if not source and pieces is not None:
+                log.info(
+                    "model=%s renders with its Modelfile's SYSTEM_PROMPT/PROMPT_PREFIX/PROMPT_POSTFIX",
+                    entry.name.display,
+                )
+                source = template_from_runtime_pieces(*pieces)
+            if not source:
+                log.warning(
+                    "model=%s has no chat template: %s", entry.name.display, _missing_template_hint(entry)
+                )
             template = ChatTemplate(
                 source or "",
                 bos_token=entry.bos_token or loaded.info.bos_token,
@@ -405,10 +451,12 @@ class Generator:
 
     async def run(self, request: GenerationRequest) -> AsyncGenerator[Event, None]:
         started = time.perf_counter_ns()
-        entry = request.entry
+        entry = await self._complete(request.entry)
+        if entry is not request.entry:
+            request = replace(request, entry=entry)
         options = layer_options(entry.modelfile.parameters, request.options)
         spec = self.load_spec(entry, request.options)
-        think_arg = request.think if request.think is not None else ("thinking" in entry.capabilities or None)
+        think_arg = request.think if request.think is not None else self.default_think(entry)
         model = entry.name.display
         self.observer.generation_started(model)
         async with self.scheduler.turn(interactive=request.interactive):

@@ -27,6 +27,7 @@ from rkllama_ollama.config import Settings
 from rkllama_ollama.generation import Generator
 from rkllama_ollama.models.names import InvalidModelName
 from rkllama_ollama.models.store import Store
+from rkllama_ollama.models.tokenizer_fetch import TokenizerFetcher
 from rkllama_ollama.runtime.base import InvalidInput, RuntimeFailure
 from rkllama_ollama.scheduler import QueueFull, Scheduler, runner_environment
 
@@ -89,6 +90,7 @@ def build_context(settings: Settings) -> AppContext:
         num_threads=settings.num_threads,
         cpus=settings.cpus,
     )
+    generator.tokenizers = TokenizerFetcher(store)
     return AppContext(settings=settings, store=store, scheduler=scheduler, generator=generator)
 
 

@@ -46,6 +46,31 @@ FALLBACK_CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+
+def template_from_runtime_pieces(system_prompt: str, prompt_prefix: str, prompt_postfix: str) -> str:
+    """A chat template made of the three pieces of an RKLLM runtime template (RKLLama's Modelfile keys
+    SYSTEM_PROMPT, PROMPT_PREFIX, PROMPT_POSTFIX), for runtimes that do not apply it themselves.
+
+    The system prompt opens the conversation; each user (or tool) turn is prefix + text + postfix; each
+    assistant turn is its text followed by the end-of-sequence token. The pieces say nothing about
+    system messages, so their text opens the next user turn.
+    """
+    system, prefix, postfix = (
+        json.dumps(piece, ensure_ascii=True) for piece in (system_prompt, prompt_prefix, prompt_postfix)
+    )
+    return (
+        "{% set pending = namespace(text='') %}"
+        f"{{{{ {system} }}}}"
+        "{% for message in messages %}"
+        "{% if message.role == 'system' %}{% set pending.text = pending.text + message.content + '\n\n' %}"
+        "{% elif message.role == 'assistant' %}{{ message.content }}{{ eos_token }}"
+        f"{{% else %}}{{{{ {prefix} + pending.text + message.content + {postfix} }}}}"
+        "{% set pending.text = '' %}"
+        "{% endif %}"
+        "{% endfor %}"
+    )
+
+
 _THINK_LEVELS = ("low", "medium", "high")
 _TOOLS_REFERENCE = re.compile(r"\btools\b")
 _THINKING_MARKERS = ("enable_thinking", "<think>", "</think>")
@@ -180,7 +205,7 @@ class ChatTemplate:
     def __init__(self, source: str | None, *, bos_token: str = "", eos_token: str = "") -> None:
         """Compile `source`; an empty or missing template means the ChatML fallback (logged)."""
         if not source or not source.strip():
-            logger.info("model has no chat template; using the ChatML fallback")
+            logger.debug("no chat template given; using the ChatML fallback")  # callers warn with the name
             source = FALLBACK_CHATML_TEMPLATE
         self.source = source
         self.bos_token = bos_token

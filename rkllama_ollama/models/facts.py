@@ -211,21 +211,22 @@ def guess_rkllm_name_facts(file_name: str) -> dict[str, str]:
     }
 
 
-def hf_support_files(folder: Path) -> list[Path]:
+def hf_support_files(folder: Path, tokenizer_dir: Path | None = None) -> list[Path]:
     """Hugging Face files whose change invalidates cached `rkllm_facts`."""
-    tokenizer = folder / "tokenizer"
-    names = ("config.json", "tokenizer_config.json", *TEMPLATE_FILES)
+    tokenizer = tokenizer_dir or folder / "tokenizer"
+    names = ("config.json", "tokenizer_config.json", "chat_template.json", *TEMPLATE_FILES)
     return [base / name for base in (tokenizer, folder) for name in names]
 
 
-def rkllm_facts(path: Path) -> dict[str, Any]:
-    """Facts for an ``.rkllm`` model: the file name, plus the HF files in ``tokenizer/`` if present."""
+def rkllm_facts(path: Path, tokenizer_dir: Path | None = None) -> dict[str, Any]:
+    """Facts for an ``.rkllm`` model: the file name, plus the HF files in `tokenizer_dir` (by default
+    the model's ``tokenizer/`` folder; the Hugging Face cache snapshot for RKLLama models) if present."""
     folder = path.parent
     guessed = guess_rkllm_name_facts(path.name)
     config: dict[str, Any] = {}
     tokenizer_config: dict[str, Any] = {}
     chat_template: str | None = None
-    for base in (folder / "tokenizer", folder):
+    for base in (tokenizer_dir or folder / "tokenizer", folder):
         config = config or _read_json(base / "config.json")
         tokenizer_config = tokenizer_config or _read_json(base / "tokenizer_config.json")
         for name in TEMPLATE_FILES:
@@ -235,6 +236,8 @@ def rkllm_facts(path: Path) -> dict[str, Any]:
                 except (OSError, UnicodeDecodeError) as exc:
                     log.warning("unreadable chat template path=%s error=%s", base / name, exc)
     chat_template = chat_template or _hf_chat_template(tokenizer_config)
+    for base in (tokenizer_dir or folder / "tokenizer", folder):  # {"chat_template": ...} of processors
+        chat_template = chat_template or _hf_chat_template(_read_json(base / "chat_template.json"))
     family = guessed["family"] or str(config.get("model_type") or "")
     architecture = family or "rkllm"
     max_context = _int(config.get("max_position_embeddings"))
@@ -268,10 +271,10 @@ def rkllm_facts(path: Path) -> dict[str, Any]:
     }
 
 
-def weights_facts(path: Path) -> dict[str, Any]:
+def weights_facts(path: Path, tokenizer_dir: Path | None = None) -> dict[str, Any]:
     """Facts for a weights file of either format; an unreadable GGUF gives file-name facts only."""
     if path.suffix.lower() == ".rkllm":
-        return rkllm_facts(path)
+        return rkllm_facts(path, tokenizer_dir)
     try:
         return gguf_facts(path)
     except (GGUFError, OSError) as exc:

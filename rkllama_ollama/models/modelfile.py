@@ -11,7 +11,9 @@ Values are bare (to the end of the line, a `` #`` starts a comment), single-quot
 double-quoted (escapes ``\\\\ \\" \\n \\r \\t``; may span lines). ``export KEY=value`` is accepted.
 Known option keys map to Ollama option names (``MAX_NEW_TOKENS`` -> ``num_predict``, ``NUM_CTX`` /
 ``CONTEXT_LENGTH`` -> ``num_ctx``, ``TOP_K`` -> ``top_k``, ...); other keys land in `Modelfile.extra`
-unchanged. Repeated ``STOP``, ``ADAPTER`` and ``MESSAGE="role: text"`` lines accumulate (the seed
+unchanged, and RKLLama's own (``ENABLE_THINKING``, ``MIROSTAT*``, ``SYSTEM_PROMPT`` / ``PROMPT_PREFIX`` /
+``PROMPT_POSTFIX``, ``TOKENIZER``) are read from there by `Modelfile`'s accessors. Repeated ``STOP``,
+``ADAPTER`` and ``MESSAGE="role: text"`` lines accumulate (the seed
 itself keeps only the last one, and ignores these keys).
 
 Ollama format: ``FROM x``, ``PARAMETER key value`` (``stop`` repeatable), ``SYSTEM``, ``TEMPLATE``,
@@ -70,6 +72,25 @@ SEED_ALIASES = {"MAX_NEW_TOKENS": "num_predict", "CONTEXT_LENGTH": "num_ctx"}
 SEED_NAMES = {"num_predict": "MAX_NEW_TOKENS", "num_ctx": "NUM_CTX"}
 MESSAGE_ROLES = ("system", "user", "assistant", "tool")
 
+# Keys of RKLLama's Modelfiles that are not Ollama options. They stay in `Modelfile.extra` as written
+# (so a store written by RKLLama is written back unchanged) and are read through the accessors below:
+# RKLLMParam settings of the runtime, the thinking default, the runtime's chat-template pieces (what
+# `rkllm_set_chat_template` takes) and the legacy absolute tokenizer path.
+RKLLM_PARAMETER_KEYS = (
+    "mirostat",
+    "mirostat_tau",
+    "mirostat_eta",
+    "n_keep",
+    "embed_flash",
+    "enabled_cpus_mask",
+    "base_domain_id",
+)
+THINKING_KEY = "ENABLE_THINKING"
+RUNTIME_TEMPLATE_KEYS = ("SYSTEM_PROMPT", "PROMPT_PREFIX", "PROMPT_POSTFIX")
+TOKENIZER_KEY = "TOKENIZER"
+_TRUE_WORDS = ("true", "1", "yes", "on")
+_FALSE_WORDS = ("false", "0", "no", "off")
+
 _SEED_LINE_RE = re.compile(r"[ \t]*(?:export[ \t]+)?([A-Za-z_][A-Za-z0-9_]*)[ \t]*=")
 _OLLAMA_LINE_RE = re.compile(r"[ \t]*([A-Za-z]+)(?=[ \t\r\n]|\Z)")
 _SEED_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -100,6 +121,48 @@ class Modelfile:
     @classmethod
     def parse(cls, text: str) -> Modelfile:
         return parse_modelfile(text)
+
+    def extra_value(self, key: str) -> str | None:
+        """The value of an `extra` key, matched case-insensitively (RKLLama writes upper case)."""
+        wanted = key.lower()
+        found = [value for name, value in self.extra.items() if name.lower() == wanted]
+        return found[-1] if found else None
+
+    def rkllm_parameters(self) -> dict[str, str]:
+        """RKLLama's runtime keys (MIROSTAT, MIROSTAT_TAU, MIROSTAT_ETA, N_KEEP, ...) as lower-case names
+        and raw values, for the RKLLM engine's load parameters."""
+        out: dict[str, str] = {}
+        for key in RKLLM_PARAMETER_KEYS:
+            value = self.extra_value(key)
+            if value is not None and value.strip():
+                out[key] = value.strip()
+        return out
+
+    def enable_thinking(self) -> bool | None:
+        """ENABLE_THINKING: the model's default for Ollama's `think` (None: not set or not a boolean)."""
+        value = self.extra_value(THINKING_KEY)
+        if value is None:
+            return None
+        word = value.strip().lower()
+        if word in _TRUE_WORDS:
+            return True
+        if word in _FALSE_WORDS:
+            return False
+        log.warning("ignoring Modelfile %s=%r: not a boolean", THINKING_KEY, value)
+        return None
+
+    def runtime_template(self) -> tuple[str, str, str] | None:
+        """(SYSTEM_PROMPT, PROMPT_PREFIX, PROMPT_POSTFIX) when all three are set, like RKLLama requires."""
+        values = [self.extra_value(key) for key in RUNTIME_TEMPLATE_KEYS]
+        if any(value is None for value in values):
+            return None
+        system, prefix, postfix = (value or "" for value in values)
+        return system, prefix, postfix
+
+    def tokenizer_path(self) -> str | None:
+        """TOKENIZER: RKLLama's legacy absolute path of a tokenizer folder."""
+        value = self.extra_value(TOKENIZER_KEY)
+        return value.strip() if value and value.strip() else None
 
     def to_seed_text(self) -> str:
         """The seed's ``KEY="value"`` format: what the store writes (RKLLama reads it too)."""

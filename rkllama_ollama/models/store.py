@@ -48,6 +48,13 @@ from .capabilities import EMBEDDING, detect_capabilities
 from .facts import hf_support_files, weights_facts
 from .modelfile import Modelfile, ModelfileError, parse_modelfile
 from .names import InvalidModelName, ModelName, folder_in_store, name_from_folder, parse_name
+from .tokenizer_files import (
+    FROM_FOLDER,
+    FROM_HF_CACHE,
+    TOKENIZER_FOLDER,
+    TokenizerFiles,
+    find_tokenizer_files,
+)
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +183,7 @@ class Store:
         self._lock = threading.RLock()  # manifests and in-memory caches
         self._memory_manifests: dict[Path, dict[str, Any]] = {}
         self._warned: set[str] = set()
+        self._noted: dict[str, str] = {}  # folder -> the last informational line logged for it
         self._hasher: threading.Thread | None = None
         self._embedded_weights = find_embedded_weights() if offer_embedded else None
         self._embedded_name = parse_name(EMBEDDED_NAME)
@@ -243,6 +251,13 @@ class Store:
             found[name.key] = (name, child)
         return found
 
+    def _note_once(self, folder_name: str, message: str) -> None:
+        with self._lock:
+            if self._noted.get(folder_name) == message:
+                return
+            self._noted[folder_name] = message
+        log.info("%s", message)
+
     def _warn_once(self, folder_name: str, message: str) -> None:
         if folder_name not in self._warned:
             self._warned.add(folder_name)
@@ -295,13 +310,14 @@ class Store:
         except OSError as exc:
             log.warning("weights unreadable path=%s error=%s", weights, exc)
             return None
-        manifest = self._manifest(folder / MANIFEST_NAME, weights, stat, folder)
+        tokenizer = self._tokenizer_files(name, folder, weights, modelfile)
+        tokenizer_dir = tokenizer.directory if tokenizer is not None else None
+        manifest = self._manifest(folder / MANIFEST_NAME, weights, stat, folder, tokenizer_dir)
         newest = stat.st_mtime_ns
         try:
             newest = max(newest, (folder / MODELFILE_NAME).stat().st_mtime_ns)
         except OSError:
             pass
-        tokenizer_dir = folder / "tokenizer"
         return self._entry(
             name=name,
             folder=folder,
@@ -310,7 +326,7 @@ class Store:
             manifest=manifest,
             size=self._folder_size(folder, weights, stat.st_size),
             modified_ns=newest,
-            tokenizer_dir=tokenizer_dir if tokenizer_dir.is_dir() else None,
+            tokenizer_dir=tokenizer_dir,
             embedded=False,
         )
 
@@ -382,15 +398,36 @@ class Store:
 
     # --- manifests ----------------------------------------------------------------------------------
 
+    def _tokenizer_files(
+        self, name: ModelName, folder: Path, weights: Path, modelfile: Modelfile
+    ) -> TokenizerFiles | None:
+        """An ``.rkllm`` model's tokenizer files: ``tokenizer/``, else the HF cache of HUGGINGFACE_PATH."""
+        if not weights.name.lower().endswith(".rkllm"):
+            own = folder / TOKENIZER_FOLDER
+            return TokenizerFiles(own, FROM_FOLDER) if own.is_dir() else None
+        found = find_tokenizer_files(folder, modelfile.huggingface_path, modelfile.tokenizer_path())
+        if found is not None and found.origin == FROM_HF_CACHE:
+            self._note_once(
+                folder.name,
+                f"model={name.display} tokenizer from the Hugging Face cache repo={found.repo} "
+                f"path={found.directory}",
+            )
+        return found
+
     @staticmethod  # (`builtins.list`: inside the class, `list` is Store.list)
-    def _facts_key(weights: Path, stat: os.stat_result, folder: Path | None) -> builtins.list[Any]:
+    def _facts_key(
+        weights: Path, stat: os.stat_result, folder: Path | None, tokenizer_dir: Path | None = None
+    ) -> builtins.list[Any]:
         support = []
-        for path in hf_support_files(folder) if folder is not None else []:
+        for path in hf_support_files(folder, tokenizer_dir) if folder is not None else []:
             try:
                 support.append(path.stat().st_mtime_ns)
             except OSError:
                 support.append(0)
-        return [weights.name, stat.st_size, stat.st_mtime_ns, support]
+        key: list[Any] = [weights.name, stat.st_size, stat.st_mtime_ns, support]
+        if tokenizer_dir is not None and folder is not None and tokenizer_dir != folder / TOKENIZER_FOLDER:
+            key.append(str(tokenizer_dir))  # a tokenizer found elsewhere (HF cache): its place is part of it
+        return key
 
     def _load_manifest(self, path: Path) -> dict[str, Any]:
         with self._lock:
@@ -408,7 +445,12 @@ class Store:
                 self._memory_manifests[path] = dict(data)
 
     def _manifest(
-        self, path: Path, weights: Path, stat: os.stat_result, folder: Path | None
+        self,
+        path: Path,
+        weights: Path,
+        stat: os.stat_result,
+        folder: Path | None,
+        tokenizer_dir: Path | None = None,
     ) -> dict[str, Any]:
         """The manifest for these weights, refreshed (facts re-read, stale sha dropped) when needed."""
         with self._lock:
@@ -418,7 +460,7 @@ class Store:
                 and manifest.get("size") == stat.st_size
                 and manifest.get("mtime_ns") == stat.st_mtime_ns
             )
-            facts_key = self._facts_key(weights, stat, folder)
+            facts_key = self._facts_key(weights, stat, folder, tokenizer_dir)
             if (
                 same_weights
                 and manifest.get("facts_key") == facts_key
@@ -433,7 +475,7 @@ class Store:
                 "size": stat.st_size,
                 "mtime_ns": stat.st_mtime_ns,
                 "sha256": manifest.get("sha256") if same_weights else None,
-                "facts": weights_facts(weights),
+                "facts": weights_facts(weights, tokenizer_dir),
                 "facts_key": facts_key,
             }
             self._save_manifest(path, manifest)
@@ -462,7 +504,8 @@ class Store:
             raise StoreError(f"weights of {entry.name.display} changed while being hashed")
         path = self._manifest_path_for(entry)
         with self._lock:
-            manifest = self._manifest(path, entry.weights, after, None if entry.embedded else entry.folder)
+            folder = None if entry.embedded else entry.folder
+            manifest = self._manifest(path, entry.weights, after, folder, entry.tokenizer_dir)
             manifest["sha256"] = sha
             self._save_manifest(path, manifest)
         log.info("hashed model weights name=%s sha256=%s", entry.name.display, sha)

@@ -50,6 +50,9 @@ class LoadSpec:
     cores: tuple[int, ...] = ()  # llama.cpp: the cores to pin to (RKLLAMA_CPUS); () = engine default
     embedding: bool = False  # load for embeddings (llama.cpp) / hidden-layer mode (rkllm)
     tokenizer_dir: str | None = None  # Hugging Face tokenizer files (rkllm models)
+    # rkllm, runtime 1.2.0+: the server has no chat template for the model, so the runtime applies the one
+    # built into the .rkllm (or the Modelfile's SYSTEM_PROMPT/PROMPT_PREFIX/PROMPT_POSTFIX in `params`)
+    runtime_template: bool = False
     # Modelfile defaults that are load-time parameters on some engines (RKLLMParam on families C-E):
     params: dict[str, Any] = field(default_factory=dict)
 

@@ -49,7 +49,12 @@ from rkllama_ollama.runtime.rkllm.abi import Family
 from rkllama_ollama.runtime.rkllm.library import RkllmLibrary, open_library
 from rkllama_ollama.runtime.rkllm.params import load_params, sampling_key
 from rkllama_ollama.runtime.rkllm.startup import StartupProblem, diagnose, error_lines
-from rkllama_ollama.runtime.rkllm.tokens import PromptTokenizer, load_tokenizer, resolve_tokenizer_dir
+from rkllama_ollama.runtime.rkllm.tokens import (
+    RUNTIME_TURN_TEMPLATE,
+    PromptTokenizer,
+    load_tokenizer,
+    resolve_tokenizer_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +95,14 @@ def capture_native_output(sink: list[str], keep_at: str | None = None) -> Iterat
             os.close(saved[1])
             scratch.seek(0)
             sink.extend(scratch.read().decode("utf-8", "replace").splitlines())
+
+
+def _template_pieces(params: dict[str, Any]) -> tuple[str, str, str] | None:
+    """The Modelfile's (SYSTEM_PROMPT, PROMPT_PREFIX, PROMPT_POSTFIX), when all three are given."""
+    pieces = [params.get(key) for key in ("system_prompt", "prompt_prefix", "prompt_postfix")]
+    if not all(isinstance(piece, str) for piece in pieces):
+        return None
+    return (str(pieces[0]), str(pieces[1]), str(pieces[2]))
 
 
 def _common_prefix_length(a: list[int], b: list[int]) -> int:
@@ -138,6 +151,14 @@ class RkllmSession:
         self._tokenizer: PromptTokenizer
         self._tokenizer, facts = load_tokenizer(tokenizer_dir)
         self._eos_id = self._tokenizer.token_id(facts.eos_token)
+        # No template of our own and a runtime that templates prompts itself: let it (see _init_handle).
+        self._runtime_template = (
+            spec.runtime_template
+            and self._family >= Family.D
+            and not facts.chat_template
+            and not self._tokenizer.feeds_tokens
+        )
+        self._template_pieces = _template_pieces(spec.params)
         self._handle = ctypes.c_void_p()
         self._handle_lock = threading.Lock()  # guards _handle and _run against a cancel and close()
         self._run: _Run | None = None
@@ -152,7 +173,7 @@ class RkllmSession:
         self._init_handle(self._loaded_sampling)
         self.info = ModelInfo(
             context_length=self._context_limit,
-            chat_template=facts.chat_template,
+            chat_template=RUNTIME_TURN_TEMPLATE if self._runtime_template else facts.chat_template,
             bos_token=facts.bos_token,
             eos_token=facts.eos_token,
             add_bos_token=facts.add_bos_token,
@@ -221,10 +242,7 @@ class RkllmSession:
             if match and 0 < int(match.group(1)) < self._load.num_ctx:
                 self._context_limit = int(match.group(1))
         if self._family >= Family.D:
-            # The server renders the full prompt; blank the runtime's own chat template.
-            rc = self._lib.rkllm_set_chat_template(handle, b"", b"", b"")
-            if rc != 0:
-                log.warning("rkllm_set_chat_template returned %d", rc)
+            self._apply_chat_template(handle)
         with self._handle_lock:
             self._handle = handle
         self._cached = []
@@ -240,6 +258,29 @@ class RkllmSession:
         if rc == 0:
             return f"rkllm_init returned 0 without a model handle{said}"
         return f"rkllm_init returned {rc}{said}"
+
+    def _apply_chat_template(self, handle: Any) -> None:
+        """Blank the runtime's chat template when the server renders the whole prompt; otherwise keep the
+        one built into the .rkllm, or install the Modelfile's SYSTEM_PROMPT, PROMPT_PREFIX, PROMPT_POSTFIX."""
+        if not self._runtime_template:
+            pieces: tuple[str, str, str] | None = ("", "", "")
+        else:
+            pieces = self._template_pieces
+            source = (
+                "the Modelfile's SYSTEM_PROMPT/PROMPT_PREFIX/PROMPT_POSTFIX" if pieces else "the .rkllm file"
+            )
+            log.info(
+                "no tokenizer files for %s: the RKLLM runtime %s applies the chat template of %s, "
+                "one turn per run (earlier turns are folded into the prompt text)",
+                self._spec.model_path,
+                self._version,
+                source,
+            )
+        if pieces is None:
+            return
+        rc = self._lib.rkllm_set_chat_template(handle, *(piece.encode("utf-8") for piece in pieces))
+        if rc != 0:
+            log.warning("rkllm_set_chat_template returned %d", rc)
 
     def _destroy_handle(self) -> None:
         with self._handle_lock:
@@ -431,7 +472,8 @@ class RkllmSession:
                 f"the prompt is {len(tokens)} tokens but the context window is {context} tokens (num_ctx); "
                 "shorten the conversation or raise num_ctx"
             )
-        keep_history = self._family >= Family.D
+        # With the runtime's own template every run is one templated turn: no history is kept across runs.
+        keep_history = self._family >= Family.D and not self._runtime_template
         feed = tokens
         if keep_history:
             if self._kv_dirty:
@@ -514,9 +556,12 @@ class RkllmSession:
     ) -> GenerationStats:
         eval_count = len(run.token_ids)
         first = run.first_token_at if run.first_token_at is not None else ended
+        prompt_eval_count = len(feed)
+        if run.perf is not None and self._runtime_template:
+            prompt_eval_count = run.perf[1]  # what the runtime prefilled: its own template's tokens too
+        elif run.perf is not None and run.perf[1] != len(feed):
+            log.warning("runtime prefilled %d tokens, the session fed %d", run.perf[1], len(feed))
         if run.perf is not None:
-            if run.perf[1] != len(feed):
-                log.warning("runtime prefilled %d tokens, the session fed %d", run.perf[1], len(feed))
             prompt_eval_ns = int(run.perf[0] * 1e6)
             eval_ns = int(run.perf[2] * 1e6)
         else:
@@ -531,7 +576,7 @@ class RkllmSession:
         return GenerationStats(
             done_reason=done_reason,
             prompt_tokens=len(tokens),
-            prompt_eval_count=len(feed),
+            prompt_eval_count=prompt_eval_count,
             prompt_eval_ns=prompt_eval_ns,
             eval_count=eval_count,
             eval_ns=eval_ns,
