@@ -5,9 +5,16 @@ One session owns one rkllm handle. Runs in the runner child process only.
 - rkllm_run is called on the thread that calls generate(); the runtime delivers callbacks on its
   own thread while that call blocks, and `emit` is called from the callback (never concurrently
   with the generate() caller, which is blocked in rkllm_run).
-- KV prefix reuse (families D/E/F): the session remembers the tokens in the runtime's cache, runs
-  with keep_history=1 and feeds only the new suffix; when the prompt diverges it clears the cache
-  and feeds the whole prompt. Family C has no history: every prompt is fed whole.
+- KV prefix reuse (families D/E/F): the session remembers the tokens the runtime's cache really holds
+  (the ids fed, the ids generated and the end-of-turn token the runtime sampled), runs with
+  keep_history=1 and feeds only what extends them. When the prompt diverges from them, the runtime
+  offers no way to cut a multi-turn cache at a position (ranged clearing needs a paused single-turn
+  run), so the session clears it and restores the best conversation cache instead, else feeds the
+  whole prompt. Family C has no history: every prompt is fed whole, or restored from a cache.
+- Conversation caches (runtime/kv_cache.py, every family): each run saves its prefill state to a
+  prompt-cache file (RKLLMInferParam.prompt_cache_params); a prompt that shares more tokens with one
+  of them than with the live cache clears the live cache, loads that file (rkllm_load_prompt_cache)
+  and runs the whole prompt: the runtime prefills only what follows the shared prefix.
 - Sampling: on F per request through RKLLMSamplingParam; on C/D/E sampling lives in RKLLMParam,
   so a request whose sampling differs from the loaded values re-initialises the handle (destroy +
   init: the model is loaded again, seconds on a device; the time is in `last_reload_ns`, and the
@@ -43,6 +50,7 @@ from rkllama_ollama.runtime.base import (
     RuntimeFailure,
     SamplingOptions,
 )
+from rkllama_ollama.runtime.kv_cache import CacheBudget, ConversationCache, common_prefix_length
 from rkllama_ollama.runtime.rkllm import abi
 from rkllama_ollama.runtime.rkllm.abi import Family
 from rkllama_ollama.runtime.rkllm.library import RkllmLibrary, open_library
@@ -73,14 +81,6 @@ def capture_native_output(sink: list[str]) -> Iterator[None]:
             os.close(saved[1])
             scratch.seek(0)
             sink.extend(scratch.read().decode("utf-8", "replace").splitlines())
-
-
-def _common_prefix_length(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 @dataclass
@@ -132,6 +132,11 @@ class RkllmSession:
         self._callback_struct: Any = None
         self._param: Any = None
         self._context_limit = self._load.num_ctx
+        self._conversations = ConversationCache(
+            Path(spec.kv_cache_dir) if spec.kv_cache_dir else None,
+            f"rkllm-{self._version}",  # prompt-cache files are tied to the runtime version
+            CacheBudget.sized(spec.kv_cache_slots, spec.kv_cache_ram_mb, 0),
+        )
         self._init_handle(self._loaded_sampling)
         self.info = ModelInfo(
             context_length=self._context_limit,
@@ -216,6 +221,7 @@ class RkllmSession:
 
     def close(self) -> None:
         self._destroy_handle()
+        self._conversations.clear()
 
     # ------------------------------------------------------------------ callback
 
@@ -399,26 +405,30 @@ class RkllmSession:
                 "shorten the conversation or raise num_ctx"
             )
         keep_history = self._family >= Family.D
-        feed = tokens
-        if keep_history:
-            if self._kv_dirty:
-                self._clear_cache()
-            common = _common_prefix_length(self._cached, tokens)
-            if common == len(self._cached) and common < len(tokens):
-                feed = tokens[common:]
-            elif self._cached:
-                log.debug(
-                    "prompt diverges from the KV cache at %d of %d: clearing", common, len(self._cached)
-                )
-                self._clear_cache()
+        if keep_history and self._kv_dirty:
+            self._clear_cache()
+        feed, reused, restoring = self._plan_feed(tokens, keep_history)
         num_predict = self._request_limit(options)
         run = _Run(emit=emit, num_predict=num_predict, abort_on_limit=self._family != Family.F)
         keepalive: list[Any] = []
         rkllm_input = self._make_input(feed, keepalive)
         infer = self._make_infer(abi.INFER_GENERATE, keep_history, options, num_predict)
+        save_path = self._conversations.reserve_file()
+        if save_path is not None:
+            cache_param = self._layout.PromptCacheParam(
+                save_prompt_cache=1, prompt_cache_path=os.fsencode(save_path)
+            )
+            keepalive.append(cache_param)
+            infer.prompt_cache_params = ctypes.pointer(cache_param)
         started = time.perf_counter()
-        rc = self._execute(run, rkllm_input, infer, cancel)
+        try:
+            rc = self._execute(run, rkllm_input, infer, cancel)
+        finally:
+            if restoring:
+                self._lib.rkllm_release_prompt_cache(self._handle)
         ended = time.perf_counter()
+        if save_path is not None and not run.failed:
+            self._conversations.add_file(tokens, save_path)
         tail = run.decoder.decode(b"", final=True)
         if tail and not run.aborted and run.emit_error is None:
             emit(tail)
@@ -431,7 +441,32 @@ class RkllmSession:
             raise RuntimeFailure(self._run_error_message(rc, len(tokens), context))
         stopped_early = run.aborted or (run.limit_reached and run.abort_on_limit)
         self._remember_cache(tokens, generated, run, keep_history, stopped_early)
-        return self._stats(tokens, feed, run, started, ended, context)
+        return self._stats(tokens, len(tokens) - reused, run, started, ended, context)
+
+    def _plan_feed(self, tokens: list[int], keep_history: bool) -> tuple[list[int], int, bool]:
+        """What to feed for `tokens`, how many of them the runtime already holds or restores, and whether
+        a conversation cache was loaded for this run (released after it)."""
+        common = common_prefix_length(self._cached, tokens) if keep_history else 0
+        extends = keep_history and common == len(self._cached) and common < len(tokens)
+        in_place = common if extends else 0
+        entry, shared = self._conversations.best_match(tokens)
+        shared = min(shared, len(tokens) - 1)  # the runtime prefills at least one token
+        if entry is not None and entry.path is not None and shared > in_place:
+            if self._cached:
+                self._clear_cache()
+            rc = self._lib.rkllm_load_prompt_cache(self._handle, os.fsencode(entry.path))
+            if rc == 0:
+                self._conversations.touch(entry)
+                log.info("conversation cache restored: %d of %d prompt tokens", shared, len(tokens))
+                return tokens, shared, True
+            log.warning("rkllm_load_prompt_cache failed (%d): dropping that conversation cache", rc)
+            self._conversations.forget(entry)
+        if extends:
+            return tokens[common:], common, False
+        if self._cached:
+            log.debug("prompt diverges from the KV cache at %d of %d: clearing", common, len(self._cached))
+            self._clear_cache()
+        return tokens, 0, False
 
     def _run_error_message(self, rc: int, prompt_tokens: int, context: int) -> str:
         return (
@@ -450,6 +485,10 @@ class RkllmSession:
                 self._reconcile_with_runtime(expected)
             elif stopped_early:
                 self._kv_dirty = True
+            elif run.finished and self._eos_id is not None and len(expected) < self._context_limit:
+                # Ended by the end-of-turn token: the runtime sampled it, so its cache holds it (on E/F
+                # rkllm_get_kv_cache_size confirms this; D has no way to ask).
+                self._cached = expected + [self._eos_id]
             else:
                 self._cached = expected
         elif stopped_early:
@@ -477,13 +516,13 @@ class RkllmSession:
             self._kv_dirty = True
 
     def _stats(
-        self, tokens: list[int], feed: list[int], run: _Run, started: float, ended: float, context: int
+        self, tokens: list[int], fed: int, run: _Run, started: float, ended: float, context: int
     ) -> GenerationStats:
         eval_count = len(run.token_ids)
         first = run.first_token_at if run.first_token_at is not None else ended
         if run.perf is not None:
-            if run.perf[1] != len(feed):
-                log.warning("runtime prefilled %d tokens, the session fed %d", run.perf[1], len(feed))
+            if run.perf[1] != fed:
+                log.warning("runtime prefilled %d tokens, the session expected %d", run.perf[1], fed)
             prompt_eval_ns = int(run.perf[0] * 1e6)
             eval_ns = int(run.perf[2] * 1e6)
         else:
@@ -498,7 +537,7 @@ class RkllmSession:
         return GenerationStats(
             done_reason=done_reason,
             prompt_tokens=len(tokens),
-            prompt_eval_count=len(feed),
+            prompt_eval_count=fed,
             prompt_eval_ns=prompt_eval_ns,
             eval_count=eval_count,
             eval_ns=eval_ns,
