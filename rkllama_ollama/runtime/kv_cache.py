@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_SLOTS = 8  # conversations kept when the number is sized from free memory
 RAM_SHARE_OF_AVAILABLE = 4  # the default RAM budget: a quarter of the memory available at load
+# A restore must save at least this many tokens of prefill over what the live cache already offers:
+# loading a state has a cost of its own, and a shared chat-template opener is not a conversation.
+RESTORE_MIN_GAIN = 32
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:

@@ -50,7 +50,12 @@ from rkllama_ollama.runtime.base import (
     RuntimeFailure,
     SamplingOptions,
 )
-from rkllama_ollama.runtime.kv_cache import CacheBudget, ConversationCache, common_prefix_length
+from rkllama_ollama.runtime.kv_cache import (
+    RESTORE_MIN_GAIN,
+    CacheBudget,
+    ConversationCache,
+    common_prefix_length,
+)
 from rkllama_ollama.runtime.rkllm import abi
 from rkllama_ollama.runtime.rkllm.abi import Family
 from rkllama_ollama.runtime.rkllm.library import RkllmLibrary, open_library
@@ -451,7 +456,7 @@ class RkllmSession:
         in_place = common if extends else 0
         entry, shared = self._conversations.best_match(tokens)
         shared = min(shared, len(tokens) - 1)  # the runtime prefills at least one token
-        if entry is not None and entry.path is not None and shared > in_place:
+        if entry is not None and entry.path is not None and shared >= in_place + RESTORE_MIN_GAIN:
             if self._cached:
                 self._clear_cache()
             rc = self._lib.rkllm_load_prompt_cache(self._handle, os.fsencode(entry.path))
