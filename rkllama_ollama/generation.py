@@ -16,6 +16,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Protocol
 
 from rkllama_ollama.chat.parse import OutputPipeline, ToolCall
@@ -219,6 +220,17 @@ class NullObserver:
         pass
 
 
+@dataclass(frozen=True)
+class KvCacheSettings:
+    """Conversation caches (RKLLAMA_KV_CACHE_*): the store's cache folder (None: none on disk), the
+    conversations kept per model (-1: from free memory, 0: off), the RAM budget in MiB (0: from free
+    memory)."""
+
+    root: Path | None = None
+    slots: int = -1
+    ram_mb: int = 0
+
+
 class Generator:
     def __init__(
         self,
@@ -228,11 +240,13 @@ class Generator:
         num_threads: int,
         cpus: tuple[int, ...] = (),
         observer: GenerationObserver | None = None,
+        kv_cache: KvCacheSettings | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.default_num_ctx = default_num_ctx
         self.num_threads = num_threads
         self.cpus = cpus
+        self.kv_cache = kv_cache or KvCacheSettings()
         self.observer: GenerationObserver = observer or NullObserver()
         self.prefix_keeper = PrefixKeeper(scheduler)
 
@@ -261,6 +275,11 @@ class Generator:
             tokenizer_dir=str(entry.tokenizer_dir) if entry.tokenizer_dir else None,
             # Sampling lives in SamplingOptions per request; rkllm families C-E need init-time defaults.
             params=params if entry.format == "rkllm" else {},
+            kv_cache_dir=(
+                str(self.kv_cache.root / entry.name.folder_name) if self.kv_cache.root is not None else None
+            ),
+            kv_cache_slots=self.kv_cache.slots,
+            kv_cache_ram_mb=self.kv_cache.ram_mb,
         )
 
     async def embed(

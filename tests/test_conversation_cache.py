@@ -237,3 +237,35 @@ def test_budget_from_free_memory() -> None:
     assert CacheBudget.sized(-1, 1, 30 * 2**20).slots == 1
     assert CacheBudget.sized(5, 0, 1).slots == 5
     assert CacheBudget.sized(-1, 0, 0).ram_bytes > 0
+
+
+# ---------------------------------------------------------------- through the daemon
+
+
+def test_daemon_keeps_conversation_caches_in_the_store_and_removes_them_with_the_model(
+    tmp_path: Path, tokenizer_dir: Path
+) -> None:
+    import ollama
+
+    from tests.rkllm_support.sim import add_sim_model
+    from tests.support.daemon import Daemon
+
+    store = tmp_path / "models"
+    add_sim_model(store, "chat", tokenizer=tokenizer_dir, reply=REPLY)
+    env = {"RKLLAMA_RKLLM_LIB": str(build_simulators()["E"]), "RKLLAMA_KV_CACHE_SLOTS": "4"}
+    with Daemon(store, env=env).start() as daemon:
+        client = ollama.Client(host=daemon.url)
+        chats: dict[str, list[dict[str, str]]] = {"weather": [], "gardening": []}
+        fed: dict[str, list[int]] = {"weather": [], "gardening": []}
+        for turn in range(3):
+            for topic, messages in chats.items():
+                messages.append({"role": "user", "content": f"{topic} question {turn}: tell me more."})
+                reply = client.chat("chat", messages=messages)
+                messages.append({"role": "assistant", "content": reply.message.content or ""})
+                fed[topic].append(reply.prompt_eval_count or 0)
+        # Every returning turn fed about what a continuing one does: the last reply and the question.
+        assert fed["weather"][2] <= fed["weather"][1] + 4 and fed["gardening"][2] <= fed["gardening"][1] + 4
+        folder = store / ".kv-cache" / "chat"
+        assert len(list(folder.rglob("*.cache"))) == 2
+        client.delete("chat")
+        assert not folder.exists()
