@@ -23,7 +23,6 @@ from rkllama_ollama.chat.parse import OutputPipeline, ToolCall
 from rkllama_ollama.chat.template import ChatTemplate, TemplateError
 from rkllama_ollama.models.store import ModelEntry
 from rkllama_ollama.options import layer_options, sampling_from
-from rkllama_ollama.prefix_keeper import PrefixKeeper
 from rkllama_ollama.runtime.base import (
     ContextOverflow,
     GenerationStats,
@@ -248,7 +247,6 @@ class Generator:
         self.cpus = cpus
         self.kv_cache = kv_cache or KvCacheSettings()
         self.observer: GenerationObserver = observer or NullObserver()
-        self.prefix_keeper = PrefixKeeper(scheduler)
 
     # -- loading --------------------------------------------------------------------------------
 
@@ -467,14 +465,12 @@ class Generator:
             stats: GenerationStats | None = None
             stopped = False
             last_piece_ns = 0
-            produced: list[str] = []  # the raw text generated, for the prefix keeper
             generation = loaded.runner.generate(prompt, sampling)
             try:
                 async for item in generation:
                     if isinstance(item, Piece):
                         if stopped:
                             continue  # tokens produced between our abort and the runner seeing it
-                        produced.append(item.text)
                         now_ns = time.perf_counter_ns()
                         if last_piece_ns:
                             self.observer.next_piece(model, now_ns - last_piece_ns)
@@ -503,10 +499,6 @@ class Generator:
                 raise RuntimeFailure("generation ended without statistics")
             self.observer.generation_finished(model, stats)
             self.scheduler.touch(request.keep_alive_s)
-            if request.interactive:
-                self.prefix_keeper.streamed(loaded.key, model, loaded.spec, prompt + "".join(produced))
-            else:
-                self.prefix_keeper.background_ended()
             reason = "stop" if stopped or stats.done_reason in ("stop", "abort") else stats.done_reason
             yield Done(reason, stats, load_ns + stats.reload_ns, time.perf_counter_ns() - started)
 

@@ -269,3 +269,31 @@ def test_daemon_keeps_conversation_caches_in_the_store_and_removes_them_with_the
         assert len(list(folder.rglob("*.cache"))) == 2
         client.delete("chat")
         assert not folder.exists()
+
+
+def test_the_next_message_after_background_requests_feeds_only_what_is_new(tmp_path: Path) -> None:
+    """Open WebUI's pattern: a streamed reply, then non-streamed background requests (a title) with an
+    unrelated prompt; the conversation's state is saved when the title request replaces it in the cache
+    and restored by the next message (tiny GGUF, live daemon)."""
+    import ollama
+
+    from tests.conftest import make_gguf_model
+    from tests.support.daemon import Daemon
+
+    options = {"num_predict": 6, "seed": 2, "temperature": 0}
+    store = tmp_path / "models"
+    make_gguf_model(store, "tiny", context_length=4096)
+    history = [{"role": "user", "content": "tell me about the water and the people " * 8}]
+    with Daemon(store).start() as daemon:
+        client = ollama.Client(host=daemon.url)
+        parts = list(client.chat("tiny", messages=history, options=options, stream=True))
+        first_fed = parts[-1].prompt_eval_count or 0
+        reply = "".join(part.message.content or "" for part in parts)
+        for task in ("Generate a concise title", "Suggest follow-up questions", "Generate tags"):
+            client.generate("tiny", prompt=f"### Task: {task} " * 5, options=options)
+        history += [{"role": "assistant", "content": reply}, {"role": "user", "content": "and then?"}]
+        final = list(client.chat("tiny", messages=history, options=options, stream=True))[-1]
+        assert final.prompt_eval_count is not None
+        # Without the restore the whole conversation (more than the first prompt) would be fed again.
+        assert 0 < final.prompt_eval_count < first_fed // 2
+        assert "conversation cache restored" in daemon.log()
