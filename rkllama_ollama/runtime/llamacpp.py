@@ -402,9 +402,9 @@ class LlamaCppSession:
         as a conversation first when the prompt would discard a substantial part of it."""
         cached = llm.input_ids[: llm.n_tokens].tolist()
         here = min(common_prefix_length(cached, tokens), len(tokens) - 1)
-        entry, shared = self._conversations.best_match(tokens)
         if self._conversations.enabled and len(cached) - here >= _SAVE_MIN_TOKENS:
             self._save_conversation(llm, cached)
+        entry, shared = self._conversations.best_match(tokens)
         restorable = entry is not None and min(shared, len(tokens) - 1) >= here + RESTORE_MIN_GAIN
         if restorable and entry is not None and self._restore_conversation(llm, entry):
             logger.info("conversation cache restored: %d of %d prompt tokens", shared, len(tokens))

@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+import json
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -59,20 +61,21 @@ def fed_over_turns(daemon: Daemon, model: str, options: dict[str, Any], turns: i
 
 
 def ttft_alternating(daemon: Daemon, model: str, options: dict[str, Any], turns: int = 6) -> dict[str, Any]:
+    """Topics differ from every other run's, so nothing is reused across runs."""
     client = ollama.Client(host=daemon.url)
     single: list[float] = []
     messages: list[dict[str, str]] = []
     for turn in range(turns):
-        messages.append({"role": "user", "content": _question("The weather", turn)})
+        messages.append({"role": "user", "content": _question("The sea", turn)})
         single.append(_turn(client, model, messages, options)[0])
-    chats: dict[str, list[dict[str, str]]] = {"The weather": [], "My garden": []}
+    chats: dict[str, list[dict[str, str]]] = {"The mountains": [], "My garden": []}
     returning: list[float] = []
     fed_returning: list[int] = []
     for turn in range(turns):
         for topic, history in chats.items():
             history.append({"role": "user", "content": _question(topic, turn)})
             ttft, final = _turn(client, model, history, options)
-            if topic == "The weather":
+            if topic == "The mountains":
                 returning.append(ttft)
                 fed_returning.append(final.prompt_eval_count or 0)
     ratios = [r / s for r, s in zip(returning[1:], single[1:], strict=True)]
@@ -99,6 +102,7 @@ def rkllm(store: Path) -> dict[str, Any]:
 
 
 def llamacpp(store: Path, smollm2: bool) -> dict[str, Any]:
+    store.mkdir(parents=True, exist_ok=True)
     if smollm2:
         model, env = "smollm2:135m", {"RKLLAMA_EMBEDDED_MODEL": "1"}
     else:
@@ -115,7 +119,7 @@ def llamacpp(store: Path, smollm2: bool) -> dict[str, Any]:
 
 
 def run(root: Path, smollm2: bool) -> dict[str, Any]:
-    return {
-        "rkllm_sim": rkllm(root / "rkllm-conversations" / "models"),
-        "llamacpp": llamacpp(root / "gguf-conversations" / "models", smollm2),
-    }
+    results: dict[str, Any] = {"llamacpp": llamacpp(root / "gguf-conversations" / "models", smollm2)}
+    print(json.dumps(results), file=sys.stderr, flush=True)
+    results["rkllm_sim"] = rkllm(root / "rkllm-conversations" / "models")
+    return results
