@@ -112,9 +112,12 @@ def test_a_returning_conversation_restores_its_prompt_cache(
     assert opening.prompt_eval_count == opening.prompt_tokens  # nothing shared with the weather chat
     second.turn()
     back = first.turn()
-    # Only the last reply and the new question: the rest came from the weather chat's prompt cache.
-    assert back.prompt_eval_count < back.prompt_tokens / 2
-    assert back.prompt_eval_count <= 1.5 * fed_first[1] + len(first.session.tokenize(REPLY))
+    # As much as a continuing turn feeds (give or take the question number's tokens). C: the previous
+    # turn's prompt-cache file, then the last reply and the new question, as on any C turn. D-F: the live
+    # cache (prompt, reply, end-of-turn) was saved when the gardening chat replaced it: the new question.
+    assert abs(back.prompt_eval_count - fed_first[2]) <= 2
+    if rkllm.family != "C":  # type: ignore[attr-defined]
+        assert back.prompt_eval_count < len(first.session.tokenize(REPLY))
     back_again = second.turn()
     assert back_again.prompt_eval_count < back_again.prompt_tokens / 2
     files = list((tmp_path / "cache").rglob("*.cache"))

@@ -30,6 +30,8 @@ RAM_SHARE_OF_AVAILABLE = 4  # the default RAM budget: a quarter of the memory av
 # A restore must save at least this many tokens of prefill over what the live cache already offers:
 # loading a state has a cost of its own, and a shared chat-template opener is not a conversation.
 RESTORE_MIN_GAIN = 32
+# The live cache is saved when a prompt is about to discard at least this many of its tokens.
+SAVE_MIN_TOKENS = 32
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:

@@ -50,6 +50,7 @@ from rkllama_ollama.runtime.cpus import plan_threads, process_pinning
 from rkllama_ollama.runtime.grammar import answer_after_thinking
 from rkllama_ollama.runtime.kv_cache import (
     RESTORE_MIN_GAIN,
+    SAVE_MIN_TOKENS,
     CacheBudget,
     CachedConversation,
     ConversationCache,
@@ -61,7 +62,6 @@ logger = logging.getLogger(__name__)
 _KV_BYTES_PER_VALUE = 2  # llama.cpp's default KV cache type is F16
 _RANDOM_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: the dist sampler seeds itself randomly
 _FALLBACK_CONTEXT = 4096  # when neither the request nor the GGUF names a context length
-_SAVE_MIN_TOKENS = 32  # a prompt that discards fewer cached tokens than this does not save the state
 _SEQUENCE = 0  # the one sequence a session uses
 
 
@@ -402,7 +402,7 @@ class LlamaCppSession:
         as a conversation first when the prompt would discard a substantial part of it."""
         cached = llm.input_ids[: llm.n_tokens].tolist()
         here = min(common_prefix_length(cached, tokens), len(tokens) - 1)
-        if self._conversations.enabled and len(cached) - here >= _SAVE_MIN_TOKENS:
+        if self._conversations.enabled and len(cached) - here >= SAVE_MIN_TOKENS:
             self._save_conversation(llm, cached)
         entry, shared = self._conversations.best_match(tokens)
         restorable = entry is not None and min(shared, len(tokens) - 1) >= here + RESTORE_MIN_GAIN

@@ -157,12 +157,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=256)
-    parser.add_argument("--only", choices=("all", "conversations"), default="all")
+    parser.add_argument(
+        "--only",
+        choices=("all", "conversations", "conversations-llamacpp", "conversations-rkllm"),
+        default="all",
+    )
     args = parser.parse_args()
     results: dict[str, Any] = {}
-    if args.only == "conversations":
+    if args.only.startswith("conversations"):
+        parts = ("llamacpp", "rkllm") if args.only == "conversations" else (args.only.split("-")[1],)
+        rounds = min(args.rounds, len(conversations_bench.TOPICS))
         with tempfile.TemporaryDirectory() as tmp:
-            results["conversations"] = conversations_bench.run(Path(tmp), embedded_gguf() is not None)
+            results["conversations"] = conversations_bench.run(
+                Path(tmp), embedded_gguf() is not None, rounds, parts
+            )
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "conversations.json").write_text(json.dumps(results, indent=2) + "\n")
         print(json.dumps(results, indent=2))
@@ -178,7 +186,9 @@ def main() -> None:
         )
         results["rkllm_sim"] = rkllm_bench.run(Path(tmp) / "rkllm", args.rounds)
         smol = embedded_gguf()
-        results["conversations"] = conversations_bench.run(Path(tmp), smol is not None)
+        results["conversations"] = conversations_bench.run(
+            Path(tmp), smol is not None, min(args.rounds, len(conversations_bench.TOPICS))
+        )
         if smol is not None:
             results["decode_smollm2"] = bench_decode(store, "smollm2:135m", smol, args.rounds, args.tokens)
             if len(os.sched_getaffinity(0)) >= 2:

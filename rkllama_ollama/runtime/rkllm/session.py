@@ -52,6 +52,7 @@ from rkllama_ollama.runtime.base import (
 )
 from rkllama_ollama.runtime.kv_cache import (
     RESTORE_MIN_GAIN,
+    SAVE_MIN_TOKENS,
     CacheBudget,
     ConversationCache,
     common_prefix_length,
@@ -448,12 +449,56 @@ class RkllmSession:
         self._remember_cache(tokens, generated, run, keep_history, stopped_early)
         return self._stats(tokens, len(tokens) - reused, run, started, ended, context)
 
+    def _save_leaving_conversation(self) -> None:
+        """Save the live cache (prompt, reply and end-of-turn token) as a conversation cache before a
+        prompt of another conversation replaces it. The runtime saves a run's prefill state only, so a
+        one-token run appends the token that followed the previous end-of-turn in the prompt (likely what
+        the conversation's next prompt continues with; any token would do: a restore reuses only the
+        shared prefix) and is stopped at its first generated token."""
+        held = self._cached
+        entry, shared = self._conversations.best_match(held)
+        if (entry is not None and shared == len(held)) or len(held) + 2 >= self._context_limit:
+            return
+        path = self._conversations.reserve_file()
+        if path is None:
+            return
+        follower = self._token_after_last_turn(held)
+        run = _Run(emit=None, num_predict=1, abort_on_limit=True)
+        keepalive: list[Any] = []
+        rkllm_input = self._make_input([follower], keepalive)
+        infer = self._make_infer(abi.INFER_GENERATE, True, None, 1)
+        cache_param = self._layout.PromptCacheParam(save_prompt_cache=1, prompt_cache_path=os.fsencode(path))
+        keepalive.append(cache_param)
+        infer.prompt_cache_params = ctypes.pointer(cache_param)
+        started = time.perf_counter()
+        self._execute(run, rkllm_input, infer)
+        self._kv_dirty = True  # holds the extra tokens: cleared before anything else runs
+        if not run.failed:
+            self._conversations.add_file([*held, follower], path)
+            log.info(
+                "conversation cache saved: %d tokens in %.0f ms",
+                len(held),
+                (time.perf_counter() - started) * 1e3,
+            )
+
+    def _token_after_last_turn(self, held: list[int]) -> int:
+        newline = self._tokenizer.encode("\n")
+        fallback = (
+            newline[0] if len(newline) == 1 else (self._eos_id if self._eos_id is not None else held[-1])
+        )
+        if self._eos_id is None:
+            return fallback
+        ends = [i for i, token in enumerate(held[:-1]) if token == self._eos_id]
+        return held[ends[-1] + 1] if ends else fallback
+
     def _plan_feed(self, tokens: list[int], keep_history: bool) -> tuple[list[int], int, bool]:
         """What to feed for `tokens`, how many of them the runtime already holds or restores, and whether
         a conversation cache was loaded for this run (released after it)."""
         common = common_prefix_length(self._cached, tokens) if keep_history else 0
         extends = keep_history and common == len(self._cached) and common < len(tokens)
         in_place = common if extends else 0
+        if keep_history and len(self._cached) - common >= SAVE_MIN_TOKENS:
+            self._save_leaving_conversation()
         entry, shared = self._conversations.best_match(tokens)
         shared = min(shared, len(tokens) - 1)  # the runtime prefills at least one token
         if entry is not None and entry.path is not None and shared >= in_place + RESTORE_MIN_GAIN:
