@@ -61,6 +61,8 @@ class Settings:
     debug: bool = False
     api_key: str | None = None  # RKLLAMA_API_KEY: `Authorization: Bearer <key>` required when set
     origins: tuple[str, ...] = ()  # RKLLAMA_ORIGINS: browser origins allowed besides Ollama's defaults
+    kv_cache_slots: int = -1  # RKLLAMA_KV_CACHE_SLOTS: conversations cached per model; -1 auto, 0 off
+    kv_cache_ram_mb: int = 0  # RKLLAMA_KV_CACHE_RAM_MB: RAM for cached llama.cpp states; 0 auto
 
     @property
     def base_url(self) -> str:
@@ -82,6 +84,13 @@ def _int(env: Mapping[str, str], key: str, default: int) -> int:
         raise ConfigError(f"{key} must be an integer, got {raw!r}") from None
 
 
+def _non_negative(env: Mapping[str, str], key: str, default: int) -> int:
+    value = _int(env, key, default)
+    if value < 0:
+        raise ConfigError(f"{key} must be 0 or more, got {value}")
+    return value
+
+
 def _bool(env: Mapping[str, str], key: str, default: bool) -> bool:
     raw = env.get(key, "").strip().lower()
     if not raw:
@@ -91,6 +100,17 @@ def _bool(env: Mapping[str, str], key: str, default: bool) -> bool:
     if raw in ("0", "false", "no", "off"):
         return False
     raise ConfigError(f"{key} must be true or false, got {raw!r}")
+
+
+def _kv_cache_slots(env: Mapping[str, str]) -> int:
+    raw = env.get("RKLLAMA_KV_CACHE_SLOTS", "").strip().lower()
+    if raw in ("", "auto"):
+        return -1
+    if not raw.isdigit():
+        raise ConfigError(
+            f"RKLLAMA_KV_CACHE_SLOTS must be auto or a number of conversations (0 = off), got {raw!r}"
+        )
+    return int(raw)
 
 
 def _list(raw: str) -> tuple[str, ...]:
@@ -137,4 +157,6 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> Settings:
         debug=debug,
         api_key=env.get("RKLLAMA_API_KEY", "").strip() or None,
         origins=_list(env.get("RKLLAMA_ORIGINS") or env.get("OLLAMA_ORIGINS") or ""),
+        kv_cache_slots=_kv_cache_slots(env),
+        kv_cache_ram_mb=_non_negative(env, "RKLLAMA_KV_CACHE_RAM_MB", base.kv_cache_ram_mb),
     )

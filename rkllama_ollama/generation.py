@@ -16,6 +16,7 @@ import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Protocol
 
 from rkllama_ollama.chat.parse import OutputPipeline, ToolCall
@@ -23,7 +24,6 @@ from rkllama_ollama.chat.template import ChatTemplate, TemplateError, template_f
 from rkllama_ollama.models.store import ModelEntry
 from rkllama_ollama.models.tokenizer_fetch import TokenizerFetcher
 from rkllama_ollama.options import layer_options, sampling_from
-from rkllama_ollama.prefix_keeper import PrefixKeeper
 from rkllama_ollama.runtime.base import (
     ContextOverflow,
     GenerationStats,
@@ -232,6 +232,17 @@ class NullObserver:
         pass
 
 
+@dataclass(frozen=True)
+class KvCacheSettings:
+    """Conversation caches (RKLLAMA_KV_CACHE_*): the store's cache folder (None: none on disk), the
+    conversations kept per model (-1: from free memory, 0: off), the RAM budget in MiB (0: from free
+    memory)."""
+
+    root: Path | None = None
+    slots: int = -1
+    ram_mb: int = 0
+
+
 class Generator:
     def __init__(
         self,
@@ -241,13 +252,14 @@ class Generator:
         num_threads: int,
         cpus: tuple[int, ...] = (),
         observer: GenerationObserver | None = None,
+        kv_cache: KvCacheSettings | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.default_num_ctx = default_num_ctx
         self.num_threads = num_threads
         self.cpus = cpus
+        self.kv_cache = kv_cache or KvCacheSettings()
         self.observer: GenerationObserver = observer or NullObserver()
-        self.prefix_keeper = PrefixKeeper(scheduler)
         # Downloads missing tokenizer files of RKLLama-style models once (set by the app; None: never).
         self.tokenizers: TokenizerFetcher | None = None
 
@@ -285,6 +297,11 @@ class Generator:
             runtime_template=entry.format == "rkllm" and not entry.chat_template,
             # Sampling lives in SamplingOptions per request; rkllm families C-E need init-time defaults.
             params=params if entry.format == "rkllm" else {},
+            kv_cache_dir=(
+                str(self.kv_cache.root / entry.name.folder_name) if self.kv_cache.root is not None else None
+            ),
+            kv_cache_slots=self.kv_cache.slots,
+            kv_cache_ram_mb=self.kv_cache.ram_mb,
         )
 
     async def embed(
@@ -496,14 +513,12 @@ class Generator:
             stats: GenerationStats | None = None
             stopped = False
             last_piece_ns = 0
-            produced: list[str] = []  # the raw text generated, for the prefix keeper
             generation = loaded.runner.generate(prompt, sampling)
             try:
                 async for item in generation:
                     if isinstance(item, Piece):
                         if stopped:
                             continue  # tokens produced between our abort and the runner seeing it
-                        produced.append(item.text)
                         now_ns = time.perf_counter_ns()
                         if last_piece_ns:
                             self.observer.next_piece(model, now_ns - last_piece_ns)
@@ -532,10 +547,6 @@ class Generator:
                 raise RuntimeFailure("generation ended without statistics")
             self.observer.generation_finished(model, stats)
             self.scheduler.touch(request.keep_alive_s)
-            if request.interactive:
-                self.prefix_keeper.streamed(loaded.key, model, loaded.spec, prompt + "".join(produced))
-            else:
-                self.prefix_keeper.background_ended()
             reason = "stop" if stopped or stats.done_reason in ("stop", "abort") else stats.done_reason
             yield Done(reason, stats, load_ns + stats.reload_ns, time.perf_counter_ns() - started)
 

@@ -29,3 +29,15 @@ def test_keep_alive_and_host_twins() -> None:
     assert settings_from_env({"OLLAMA_KEEP_ALIVE": "1m"}).keep_alive_s == 60
     assert settings_from_env({"RKLLAMA_KEEP_ALIVE": "2m", "OLLAMA_KEEP_ALIVE": "1m"}).keep_alive_s == 120
     assert settings_from_env({"OLLAMA_HOST": "0.0.0.0:9999"}).port == 9999
+
+
+def test_kv_cache_settings() -> None:
+    assert settings_from_env({}).kv_cache_slots == -1  # sized from free memory
+    assert settings_from_env({"RKLLAMA_KV_CACHE_SLOTS": "auto"}).kv_cache_slots == -1
+    assert settings_from_env({"RKLLAMA_KV_CACHE_SLOTS": "0"}).kv_cache_slots == 0
+    assert settings_from_env({"RKLLAMA_KV_CACHE_SLOTS": "6"}).kv_cache_slots == 6
+    assert settings_from_env({"RKLLAMA_KV_CACHE_RAM_MB": "512"}).kv_cache_ram_mb == 512
+    with pytest.raises(ConfigError, match="RKLLAMA_KV_CACHE_SLOTS must be auto or a number"):
+        settings_from_env({"RKLLAMA_KV_CACHE_SLOTS": "-2"})
+    with pytest.raises(ConfigError, match="RKLLAMA_KV_CACHE_RAM_MB must be 0 or more, got -1"):
+        settings_from_env({"RKLLAMA_KV_CACHE_RAM_MB": "-1"})

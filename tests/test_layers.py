@@ -23,7 +23,6 @@ LAYERS = {
     "config": 2,
     "scheduler": 3,
     "generation": 4,
-    "prefix_keeper": 4,
     "model_admin": 4,
     "api": 5,
     "daemon": 6,

@@ -131,7 +131,10 @@ def family_daemon(
         max_context_len=CRASH_CONTEXT,
     )
     add_model(store, "chat", tokenizer=True, reply=CHAT_REPLY, embd_size=EMBD_SIZE)
-    with Daemon(store, env={"RKLLAMA_RKLLM_LIB": str(library)}).start() as server:
+    # Without conversation caches: these tests prove what the live KV cache may be trusted with (a saved
+    # prompt-cache file would legitimately restore the turn after the hidden-layer runs).
+    env = {"RKLLAMA_RKLLM_LIB": str(library), "RKLLAMA_KV_CACHE_SLOTS": "0"}
+    with Daemon(store, env=env).start() as server:
         server.family = family  # type: ignore[attr-defined]
         yield server
 
@@ -314,8 +317,9 @@ def test_chat_after_hidden_layer_runs_feeds_the_whole_prompt_then_reuses_its_pre
     if family_daemon.family == "C":  # type: ignore[attr-defined]
         assert reply.prompt_eval_count == chat_prompt_tokens(turn3)
     else:
-        # Only what follows turn 2's prompt and the reply generated for it is fed.
-        new_tokens = chat_prompt_tokens(turn3) - chat_prompt_tokens(turn2) - len(CHAT_REPLY.encode())
+        # Only what follows turn 2's prompt, the reply generated for it and the end-of-turn token the model
+        # sampled after it (held in the cache) is fed.
+        new_tokens = chat_prompt_tokens(turn3) - chat_prompt_tokens(turn2) - len(CHAT_REPLY.encode()) - 1
         assert reply.prompt_eval_count == new_tokens
 
     assert client.embed(model="emb", input="beta").embeddings[0] == pytest.approx(

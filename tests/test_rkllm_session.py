@@ -51,8 +51,9 @@ def open_session(runtime: RkllmRuntime, tmp_path: Path) -> Iterator[Callable[...
 
     def make(reply: str = "ok", num_ctx: int = 4096, tokenizer: bool = False, **keys: object) -> RkllmSession:
         folder = tmp_path / f"model{len(sessions)}"
-        model = write_model(folder, reply=reply, **keys)
-        tokenizer_dir = str(write_byte_tokenizer(folder / "tokenizer")) if tokenizer else None
+        tokenizer_path = write_byte_tokenizer(folder / "tokenizer") if tokenizer else None
+        model = write_model(folder, reply=reply, tokenizer=tokenizer_path, **keys)
+        tokenizer_dir = str(tokenizer_path) if tokenizer_path else None
         spec = LoadSpec(engine="rkllm", model_path=str(model), num_ctx=num_ctx, tokenizer_dir=tokenizer_dir)
         session = runtime.load(spec)
         sessions.append(session)

@@ -27,10 +27,28 @@
  *   RKLLM_SIM_DRIVER=<x.y.z>   the RKNPU driver version in the banner (default 0.9.8); below 0.9.7 a
  *                              "driver version is too low" warning is printed
  *   RKLLM_SIM_PLATFORM=<soc>   the platform in the banner (default RKLLM-SIM)
+ *   reply_ids=<id,id,...>     generated token ids of a tokenized model (replaces the byte tokens of
+ *                             `reply`): what a real runtime emits, ids of the model's own vocabulary
+ *   reply_pieces=<hex,hex,...> the bytes each of those tokens decodes to, hex-encoded, one per id
+ *                             (a byte-level BPE token may hold part of a UTF-8 character)
+ *   eos_id=<int>              end-of-turn token: sampled after the reply, it ends the run without a
+ *                             callback (skip_special_token) but stays in the KV cache (-1 = none)
+ *
+ * A C simulator cannot run a Hugging Face tokenizer, so the test/bench tooling tokenizes the reply
+ * with the model's tokenizer and writes reply_ids/reply_pieces/eos_id (tests/rkllm_support/sim.py).
+ * Without reply_ids every byte of `reply` is one generated token (id = byte value) and no
+ * end-of-turn token is held.
  *
  * Behaviour the bindings depend on: rkllm_run blocks while a worker pthread delivers callbacks;
  * WAITING until a UTF-8 character is complete; FINISH (with perf on E/F) or ERROR; abort at the
- * next step; keep_history keeps a KV position; the context limit is enforced with ERROR.
+ * next step; keep_history keeps a KV cache whose token contents are tracked; the context limit is
+ * enforced with ERROR.
+ *
+ * Prompt-cache files (all families): RKLLMInferParam.prompt_cache_params {save_prompt_cache=1, path}
+ * writes the KV cache as it stands after the run's prefill (history + this input) to the file;
+ * rkllm_load_prompt_cache reads one back (refused from another runtime version) and the next run that
+ * starts from an empty KV cache prefills only what follows the longest common prefix of its input and
+ * the file's tokens (perf.prefill_tokens counts those); rkllm_release_prompt_cache forgets it.
  */
 #define _GNU_SOURCE
 #include "rkllm.h"
@@ -77,6 +95,12 @@ typedef struct {
     int embd_size;
     int init_fault;
     char target_platform[32];
+    int32_t *reply_ids; /* tokenized reply (NULL: one token per byte of `reply`) */
+    unsigned char **reply_pieces;
+    size_t *reply_piece_lens;
+    size_t n_reply_ids;
+    size_t n_reply_pieces;
+    int32_t eos_id;
 } SimModel;
 
 typedef struct {
@@ -90,6 +114,8 @@ typedef struct {
     int keep_history;
     int max_new_tokens;
     void *userdata;
+    int save_prompt_cache; /* RKLLMInferParam.prompt_cache_params */
+    char *prompt_cache_path;
 } SimJob;
 
 typedef struct {
@@ -113,6 +139,10 @@ typedef struct {
     SimJob job;
     int last_status;
     int broken; /* 1.1.x "successful" init of a model that did not load: the first run aborts */
+    int32_t *kv_tokens; /* contents of the KV cache: kv_pos entries */
+    int kv_capacity;
+    int32_t *prompt_cache; /* tokens of the loaded prompt-cache file (NULL: none) */
+    int n_prompt_cache;
 } SimHandle;
 
 static double now_ms(void) {
@@ -151,6 +181,208 @@ static void unescape_in_place(char *s) {
     *out = '\0';
 }
 
+/* ------------------------------------------ tokenized replies, KV contents, prompt-cache files */
+
+static int hex_value(char c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+}
+
+/* reply_ids / reply_pieces / eos_id; other keys are ignored. */
+static void parse_token_reply_key(SimModel *model, const char *key, char *value) {
+    if (strcmp(key, "eos_id") == 0) {
+        model->eos_id = (int32_t)atol(value);
+        return;
+    }
+    int ids = strcmp(key, "reply_ids") == 0;
+    if (!ids && strcmp(key, "reply_pieces") != 0) {
+        return;
+    }
+    size_t count = *value ? 1 : 0;
+    for (const char *c = value; *c; c++) {
+        count += *c == ',';
+    }
+    if (ids) {
+        free(model->reply_ids);
+        model->reply_ids = calloc(count ? count : 1, sizeof(int32_t));
+        model->n_reply_ids = 0;
+    } else {
+        for (size_t i = 0; i < model->n_reply_pieces; i++) {
+            free(model->reply_pieces[i]);
+        }
+        free(model->reply_pieces);
+        free(model->reply_piece_lens);
+        model->reply_pieces = calloc(count ? count : 1, sizeof(unsigned char *));
+        model->reply_piece_lens = calloc(count ? count : 1, sizeof(size_t));
+        model->n_reply_pieces = 0;
+    }
+    char *save = NULL;
+    for (char *item = strtok_r(value, ",", &save); item; item = strtok_r(NULL, ",", &save)) {
+        if (ids) {
+            model->reply_ids[model->n_reply_ids++] = (int32_t)atol(item);
+            continue;
+        }
+        size_t n = strlen(item) / 2;
+        unsigned char *piece = malloc(n + 1);
+        for (size_t i = 0; i < n; i++) {
+            int hi = hex_value(item[2 * i]), lo = hex_value(item[2 * i + 1]);
+            piece[i] = (unsigned char)((hi < 0 ? 0 : hi) << 4 | (lo < 0 ? 0 : lo));
+        }
+        piece[n] = '\0';
+        model->reply_pieces[model->n_reply_pieces] = piece;
+        model->reply_piece_lens[model->n_reply_pieces++] = n;
+    }
+}
+
+static void free_token_reply(SimModel *model) {
+    for (size_t i = 0; i < model->n_reply_pieces; i++) {
+        free(model->reply_pieces[i]);
+    }
+    free(model->reply_pieces);
+    free(model->reply_piece_lens);
+    free(model->reply_ids);
+    model->reply_pieces = NULL;
+    model->reply_piece_lens = NULL;
+    model->reply_ids = NULL;
+    model->n_reply_pieces = model->n_reply_ids = 0;
+}
+
+static size_t reply_token_count(const SimModel *model) {
+    return model->reply_ids ? model->n_reply_ids : model->reply_len;
+}
+
+/* Token i of the reply: its id and the bytes it decodes to. */
+static void reply_token(const SimModel *model, size_t i, int32_t *id, const unsigned char **piece, size_t *len) {
+    if (model->reply_ids) {
+        *id = model->reply_ids[i];
+        *piece = model->reply_pieces[i];
+        *len = model->reply_piece_lens[i];
+    } else {
+        *id = (unsigned char)model->reply[i];
+        *piece = (const unsigned char *)model->reply + i;
+        *len = 1;
+    }
+}
+
+/* Length of the longest prefix of `bytes` made of complete UTF-8 sequences (what may be shown). */
+static size_t utf8_complete_length(const unsigned char *bytes, size_t n) {
+    size_t i = 0;
+    while (i < n) {
+        unsigned char c = bytes[i];
+        size_t need = c >= 0xF0 && c <= 0xF7 ? 4 : c >= 0xE0 && c <= 0xEF ? 3 : c >= 0xC0 && c <= 0xDF ? 2 : 1;
+        if (i + need > n) {
+            break;
+        }
+        i += need;
+    }
+    return i;
+}
+
+static void kv_truncate(SimHandle *h, int n) {
+    h->kv_pos = n < 0 ? 0 : (n < h->kv_pos ? n : h->kv_pos);
+}
+
+static void kv_append(SimHandle *h, int32_t id) {
+    if (h->kv_pos >= h->kv_capacity) {
+        int capacity = h->kv_capacity ? h->kv_capacity * 2 : 1024;
+        h->kv_tokens = realloc(h->kv_tokens, sizeof(int32_t) * (size_t)capacity);
+        h->kv_capacity = capacity;
+    }
+    h->kv_tokens[h->kv_pos++] = id;
+}
+
+/* Removes [start, end) from the KV contents (ranged rkllm_clear_kv_cache). */
+__attribute__((unused)) static void kv_remove_range(SimHandle *h, int start, int end) {
+    memmove(h->kv_tokens + start, h->kv_tokens + end, sizeof(int32_t) * (size_t)(h->kv_pos - end));
+    h->kv_pos -= end - start;
+}
+
+/* Appends the job's input to the KV contents: token ids, or the bytes of a prompt input (the runtime's
+ * own template tokens, D+, are accounted as zeros). */
+static void kv_append_input(SimHandle *h, const SimJob *job, size_t template_count) {
+    for (size_t i = 0; i < template_count; i++) {
+        kv_append(h, 0);
+    }
+    if (job->input_type == RKLLM_INPUT_TOKEN) {
+        for (size_t i = 0; i < job->n_tokens; i++) {
+            kv_append(h, job->tokens[i]);
+        }
+    } else {
+        for (size_t i = 0; i < job->n_bytes; i++) {
+            kv_append(h, job->bytes[i]);
+        }
+    }
+}
+
+/* Tokens of a run starting from an empty cache that the loaded prompt cache already covers. */
+static int prompt_cache_reuse(const SimHandle *h, int start, int upto) {
+    if (start != 0 || !h->prompt_cache) {
+        return 0;
+    }
+    int n = 0;
+    while (n < upto && n < h->n_prompt_cache && h->prompt_cache[n] == h->kv_tokens[n]) {
+        n++;
+    }
+    return n;
+}
+
+#define SIM_PROMPT_CACHE_MAGIC "RKLLM-SIM-PROMPT-CACHE"
+
+static int save_prompt_cache_file(const SimHandle *h, const char *path) {
+    FILE *f = fopen(path ? path : "./prompt_cache.bin", "wb");
+    if (!f) {
+        fprintf(stderr, "E rkllm: cannot write the prompt cache %s: %s\n", path, strerror(errno));
+        return -1;
+    }
+    fprintf(f, "%s %s %d\n", SIM_PROMPT_CACHE_MAGIC, RKLLM_SIM_VERSION, h->kv_pos);
+    size_t written = fwrite(h->kv_tokens, sizeof(int32_t), (size_t)h->kv_pos, f);
+    int failed = fclose(f) != 0 || written != (size_t)h->kv_pos;
+    return failed ? -1 : 0;
+}
+
+static int load_prompt_cache_file(SimHandle *h, const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        fprintf(stderr, "E rkllm: cannot open the prompt cache %s: %s\n", path, strerror(errno));
+        return -1;
+    }
+    char magic[32] = {0}, version[32] = {0};
+    int n = -1;
+    if (fscanf(f, "%31s %31s %d", magic, version, &n) != 3 || fgetc(f) != '\n' ||
+        strcmp(magic, SIM_PROMPT_CACHE_MAGIC) != 0 || n < 0) {
+        fprintf(stderr, "E rkllm: %s is not a prompt cache file\n", path);
+        fclose(f);
+        return -1;
+    }
+    if (strcmp(version, RKLLM_SIM_VERSION) != 0) {
+        fprintf(stderr, "E rkllm: the prompt cache %s was saved by runtime %s\n", path, version);
+        fclose(f);
+        return -1;
+    }
+    int32_t *tokens = malloc(sizeof(int32_t) * (size_t)(n ? n : 1));
+    if (fread(tokens, sizeof(int32_t), (size_t)n, f) != (size_t)n) {
+        fprintf(stderr, "E rkllm: the prompt cache %s is truncated\n", path);
+        free(tokens);
+        fclose(f);
+        return -1;
+    }
+    fclose(f);
+    free(h->prompt_cache);
+    h->prompt_cache = tokens;
+    h->n_prompt_cache = n;
+    return 0;
+}
+
+static void free_token_state(SimHandle *h) {
+    free(h->kv_tokens);
+    free(h->prompt_cache);
+    h->kv_tokens = NULL;
+    h->prompt_cache = NULL;
+    h->kv_capacity = h->n_prompt_cache = 0;
+}
+
 static int parse_model_file(const char *path, SimModel *model) {
     FILE *f = fopen(path, "rb");
     if (!f) {
@@ -175,6 +407,7 @@ static int parse_model_file(const char *path, SimModel *model) {
     model->embd_size = SIM_DEFAULT_EMBD;
     model->init_fault = SIM_FAULT_NONE;
     model->target_platform[0] = '\0';
+    model->eos_id = -1;
     while ((len = getline(&line, &cap, f)) != -1) {
         while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r')) {
             line[--len] = '\0';
@@ -209,7 +442,16 @@ static int parse_model_file(const char *path, SimModel *model) {
             snprintf(model->target_platform, sizeof model->target_platform, "%s", value);
         } else if (strcmp(key, "embd_size") == 0) {
             model->embd_size = atoi(value) > 0 ? atoi(value) : SIM_DEFAULT_EMBD;
+        } else {
+            parse_token_reply_key(model, key, value);
         }
+    }
+    if (model->reply_ids && model->n_reply_pieces != model->n_reply_ids) {
+        fprintf(stderr, "E rkllm: reply_ids has %zu ids but reply_pieces %zu pieces\n", model->n_reply_ids,
+                model->n_reply_pieces);
+        free(line);
+        fclose(f);
+        return -1;
     }
     model->reply_len = strlen(model->reply);
     free(line);
@@ -233,14 +475,6 @@ static void deliver_error(SimHandle *h, void *userdata) {
     memset(&result, 0, sizeof result);
     result.token_id = -1;
     deliver(h, &result, userdata, RKLLM_RUN_ERROR);
-}
-
-/* Length in bytes of the UTF-8 sequence started by lead byte c (1 for invalid lead bytes). */
-static size_t utf8_sequence_length(unsigned char c) {
-    if (c >= 0xF0 && c <= 0xF7) return 4;
-    if (c >= 0xE0) return c <= 0xEF ? 3 : 1;
-    if (c >= 0xC0) return 2;
-    return 1;
 }
 
 /* Deterministic hidden state of the token prefix ending at `upto`: a running hash spread over dims. */
@@ -315,33 +549,40 @@ static void run_hidden_or_logits(SimHandle *h, SimJob *job, size_t n_input) {
     memset(&result, 0, sizeof result);
     deliver(h, &result, job->userdata, RKLLM_RUN_FINISH);
     /* Hidden-layer / logits runs are single-turn: the conversation cache is dropped. */
-    h->kv_pos = 0;
+    kv_truncate(h, 0);
     h->last_status = 0;
 }
 
 static void run_generate(SimHandle *h, SimJob *job, size_t n_input) {
     int start = job->keep_history ? h->kv_pos : 0;
+    kv_truncate(h, start);
+    size_t n_given = job->input_type == RKLLM_INPUT_TOKEN ? job->n_tokens : job->n_bytes;
+    kv_append_input(h, job, n_input - n_given);
+    int reused = prompt_cache_reuse(h, start, h->kv_pos);
+    long prefilled = (long)n_input - reused;
     double t0 = now_ms();
-    sleep_us(h->model.prefill_us_per_token * (long)n_input);
+    sleep_us(h->model.prefill_us_per_token * prefilled);
     double t1 = now_ms();
-    int pos = start + (int)n_input;
-    h->kv_pos = pos;
+    if (job->save_prompt_cache) {
+        save_prompt_cache_file(h, job->prompt_cache_path);
+    }
     int max_new = job->max_new_tokens;
     long generated = 0;
-    unsigned char pending[8];
+    unsigned char *pending = NULL;
     size_t n_pending = 0;
     int stopped_by_callback = 0;
+    int ended_naturally = 1;
     RKLLMResult result;
-    for (size_t i = 0; i < h->model.reply_len; i++) {
+    size_t n_reply = reply_token_count(&h->model);
+    for (size_t i = 0; i < n_reply; i++) {
         if (atomic_load(&h->abort_requested)) {
+            free(pending);
             h->last_status = 0;
             return; /* aborted: no terminal callback, rkllm_run returns */
         }
-        if (max_new > 0 && generated >= max_new) {
+        if ((max_new > 0 && generated >= max_new) || h->kv_pos >= h->context_limit) {
+            ended_naturally = 0; /* length limit or context full */
             break;
-        }
-        if (pos >= h->context_limit) {
-            break; /* context full: stop like a length limit */
         }
         if (h->model.crash_after_tokens >= 0 && generated >= h->model.crash_after_tokens) {
             fprintf(stderr, "E rkllm: simulated crash after %ld tokens\n", generated);
@@ -349,35 +590,46 @@ static void run_generate(SimHandle *h, SimJob *job, size_t n_input) {
             raise(SIGSEGV);
         }
         sleep_us(h->model.token_delay_ms * 1000);
-        unsigned char byte = (unsigned char)h->model.reply[i];
-        pos++;
+        int32_t id;
+        const unsigned char *piece;
+        size_t len;
+        reply_token(&h->model, i, &id, &piece, &len);
+        kv_append(h, id);
         generated++;
-        h->kv_pos = pos;
-        if (n_pending == 0 || (byte & 0xC0) != 0x80) {
-            n_pending = 0;
+        pending = realloc(pending, n_pending + len + 1);
+        memcpy(pending + n_pending, piece, len);
+        n_pending += len;
+        size_t complete = utf8_complete_length(pending, n_pending);
+        if (complete == 0 && n_pending >= 4) {
+            complete = n_pending; /* never a character: let it through */
         }
-        pending[n_pending++] = byte;
         memset(&result, 0, sizeof result);
-        result.token_id = byte;
+        result.token_id = id;
         LLMCallState state = RKLLM_RUN_WAITING;
         char *text = NULL;
-        if (n_pending >= utf8_sequence_length(pending[0]) || n_pending >= 4) {
-            text = malloc(n_pending + 1);
-            memcpy(text, pending, n_pending);
-            text[n_pending] = '\0';
-            n_pending = 0;
+        if (complete > 0) {
+            text = malloc(complete + 1);
+            memcpy(text, pending, complete);
+            text[complete] = '\0';
+            memmove(pending, pending + complete, n_pending - complete);
+            n_pending -= complete;
             state = RKLLM_RUN_NORMAL;
         }
         result.text = text;
         int ret = deliver(h, &result, job->userdata, state);
         if (text) {
-            memset(text, 0, strlen(text)); /* the pointer dies with the callback */
+            memset(text, 0, complete); /* the pointer dies with the callback */
             free(text);
         }
         if (ret == 1) {
             stopped_by_callback = 1;
+            ended_naturally = 0;
             break;
         }
+    }
+    free(pending);
+    if (ended_naturally && h->model.eos_id >= 0 && h->kv_pos < h->context_limit) {
+        kv_append(h, h->model.eos_id); /* the end-of-turn token was sampled and stays in the cache */
     }
     double t2 = now_ms();
     h->paused = stopped_by_callback;
@@ -385,7 +637,7 @@ static void run_generate(SimHandle *h, SimJob *job, size_t n_input) {
     result.token_id = -1;
 #if RKLLM_SIM_AT_LEAST(E)
     result.perf.prefill_time_ms = (float)(t1 - t0);
-    result.perf.prefill_tokens = (int)n_input;
+    result.perf.prefill_tokens = (int)prefilled;
     result.perf.generate_time_ms = (float)(t2 - t1);
     result.perf.generate_tokens = (int)generated;
     result.perf.memory_usage_mb = 42.0f;
@@ -436,6 +688,7 @@ static void free_job(SimJob *job) {
     free(job->role);
     free(job->bytes);
     free(job->tokens);
+    free(job->prompt_cache_path);
     memset(job, 0, sizeof *job);
 }
 
@@ -472,6 +725,11 @@ static int prepare_job(SimHandle *h, RKLLMInput *input, RKLLMInferParam *infer, 
     default:
         fprintf(stderr, "E rkllm: input type %d is not supported by the simulator\n", (int)input->input_type);
         return -1;
+    }
+    if (infer->prompt_cache_params && infer->prompt_cache_params->save_prompt_cache) {
+        job->save_prompt_cache = 1;
+        const char *path = infer->prompt_cache_params->prompt_cache_path;
+        job->prompt_cache_path = strdup(path ? path : "./prompt_cache.bin");
     }
     job->mode = infer->mode;
     if (job->mode != RKLLM_INFER_GENERATE && job->mode != RKLLM_INFER_GET_LAST_HIDDEN_LAYER
@@ -762,6 +1020,8 @@ SIM_API int rkllm_destroy(LLMHandle handle) {
     }
     pthread_mutex_unlock(&h->lock);
     free_job(&h->job);
+    free_token_state(h);
+    free_token_reply(&h->model);
     free(h->model.reply); /* NULL on a broken handle */
     free(h->system_prompt);
     free(h->prompt_prefix);
@@ -805,17 +1065,27 @@ SIM_API int rkllm_load_lora(LLMHandle handle, RKLLMLoraAdapter *lora_adapter) {
 }
 
 SIM_API int rkllm_load_prompt_cache(LLMHandle handle, const char *prompt_cache_path) {
-    if (!handle || !prompt_cache_path) {
+    SimHandle *h = handle;
+    if (!h || !prompt_cache_path || atomic_load(&h->running)) {
         return -1;
     }
-    return access(prompt_cache_path, R_OK) == 0 ? 0 : -1;
+    return load_prompt_cache_file(h, prompt_cache_path);
 }
 
-SIM_API int rkllm_release_prompt_cache(LLMHandle handle) { return handle ? 0 : -1; }
+SIM_API int rkllm_release_prompt_cache(LLMHandle handle) {
+    SimHandle *h = handle;
+    if (!h || atomic_load(&h->running)) {
+        return -1;
+    }
+    free(h->prompt_cache);
+    h->prompt_cache = NULL;
+    h->n_prompt_cache = 0;
+    return 0;
+}
 
 #if RKLLM_SIM_AT_LEAST(D)
 static int clear_whole_cache(SimHandle *h, int keep_system_prompt) {
-    h->kv_pos = keep_system_prompt ? h->system_len : 0;
+    kv_truncate(h, keep_system_prompt ? h->system_len : 0);
     h->paused = 0;
     return 0;
 }
@@ -841,7 +1111,7 @@ SIM_API int rkllm_clear_kv_cache(LLMHandle handle, int keep_system_prompt, int *
         fprintf(stderr, "E rkllm: clear_kv_cache range [%d, %d) outside the cache (%d)\n", start, end, h->kv_pos);
         return -1;
     }
-    h->kv_pos -= end - start;
+    kv_remove_range(h, start, end);
     return 0;
 }
 

@@ -24,9 +24,9 @@ from rkllama_ollama.api.openai_responses import OpenAiResponsesApi
 from rkllama_ollama.api.security import install_security, security_middlewares
 from rkllama_ollama.api.shutdown import InFlightRequests
 from rkllama_ollama.config import Settings
-from rkllama_ollama.generation import Generator
+from rkllama_ollama.generation import Generator, KvCacheSettings
 from rkllama_ollama.models.names import InvalidModelName
-from rkllama_ollama.models.store import Store
+from rkllama_ollama.models.store import Store, kv_cache_root
 from rkllama_ollama.models.tokenizer_fetch import TokenizerFetcher
 from rkllama_ollama.runtime.base import InvalidInput, RuntimeFailure
 from rkllama_ollama.scheduler import QueueFull, Scheduler, runner_environment
@@ -89,6 +89,11 @@ def build_context(settings: Settings) -> AppContext:
         default_num_ctx=settings.default_num_ctx,
         num_threads=settings.num_threads,
         cpus=settings.cpus,
+        kv_cache=KvCacheSettings(
+            root=kv_cache_root(settings.models_dir),
+            slots=settings.kv_cache_slots,
+            ram_mb=settings.kv_cache_ram_mb,
+        ),
     )
     generator.tokenizers = TokenizerFetcher(store)
     return AppContext(settings=settings, store=store, scheduler=scheduler, generator=generator)

@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 
 MODELFILE_NAME = "Modelfile"
 MANIFEST_NAME = ".rkllama-manifest.json"
+KV_CACHE_FOLDER = ".kv-cache"  # conversation caches of the loaded models, one folder per model
 HIDDEN_FILE_NAME = ".rkllama-hidden.json"
 EMBEDDED_STATE_DIR = ".rkllama-embedded"
 MANIFEST_VERSION = 1
@@ -121,6 +122,15 @@ def find_embedded_weights() -> Path | None:
             if path.is_file():
                 return path
     return None
+
+
+def kv_cache_root(store_root: Path) -> Path:
+    return store_root / KV_CACHE_FOLDER
+
+
+def kv_cache_folder(store_root: Path, name: ModelName) -> Path:
+    """Where the conversation caches (KV states, RKLLM prompt-cache files) of a model live."""
+    return kv_cache_root(store_root) / name.folder_name
 
 
 def sha256_file(path: Path) -> str:
@@ -695,6 +705,7 @@ class Store:
     def delete(self, name: str | ModelName) -> None:
         """Delete a model. The embedded model is hidden instead; nothing outside the store is touched."""
         entry = self.resolve(name)
+        shutil.rmtree(kv_cache_folder(self.root, entry.name), ignore_errors=True)
         if entry.embedded:
             self._set_hidden(entry.name, hidden=True)
             log.info("embedded model hidden name=%s", entry.name.display)

@@ -55,6 +55,11 @@ class LoadSpec:
     runtime_template: bool = False
     # Modelfile defaults that are load-time parameters on some engines (RKLLMParam on families C-E):
     params: dict[str, Any] = field(default_factory=dict)
+    # Conversation caches (runtime/kv_cache.py): the model's cache folder (None: RAM only, and none for
+    # RKLLM), how many conversations (-1: from free memory, 0: off), RAM budget in MiB (0: from free memory)
+    kv_cache_dir: str | None = None
+    kv_cache_slots: int = -1
+    kv_cache_ram_mb: int = 0
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)

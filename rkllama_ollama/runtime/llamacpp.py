@@ -1,7 +1,12 @@
 """GGUF models on the CPU through llama-cpp-python (the `llamacpp` engine).
 
 The session keeps llama.cpp's KV cache between calls: `generate` tokenizes the prompt, keeps the
-longest prefix it shares with the tokens already in the cache and feeds only the rest. Sampling is a
+longest prefix it shares, token by token, with the tokens already in the cache (the prompt fed and
+the tokens generated), truncates the cache there and feeds only the rest. Conversation caches
+(runtime/kv_cache.py): before a prompt discards a substantial part of the cache (another conversation,
+a background request), the sequence's state is saved (llama_state_seq_get_data); a prompt that shares
+more with a saved state than with the live cache restores that state (llama_state_seq_set_data) and
+feeds only what follows. Sampling is a
 llama.cpp sampler chain built per request from `SamplingOptions`. Decisions worth knowing:
 
 - `num_ctx` is capped at the model's trained context length (read from the GGUF before the context
@@ -43,6 +48,14 @@ from rkllama_ollama.runtime.base import (
 )
 from rkllama_ollama.runtime.cpus import plan_threads, process_pinning
 from rkllama_ollama.runtime.grammar import answer_after_thinking
+from rkllama_ollama.runtime.kv_cache import (
+    RESTORE_MIN_GAIN,
+    SAVE_MIN_TOKENS,
+    CacheBudget,
+    CachedConversation,
+    ConversationCache,
+    common_prefix_length,
+)
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -52,6 +65,7 @@ logger = logging.getLogger(__name__)
 _KV_BYTES_PER_VALUE = 2  # llama.cpp's default KV cache type is F16
 _RANDOM_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: the dist sampler seeds itself randomly
 _FALLBACK_CONTEXT = 4096  # when neither the request nor the GGUF names a context length
+_SEQUENCE = 0  # the one sequence a session uses
 
 
 def _import_llama_cpp() -> Any:
@@ -155,6 +169,14 @@ class LlamaCppSession:
         self._piece_cache: dict[int, bytes] = {}
         self._piece_buffer = ctypes.create_string_buffer(64)
         self.info = self._model_info(model_path)
+        budget = CacheBudget.sized(
+            0 if spec.embedding else spec.kv_cache_slots,
+            spec.kv_cache_ram_mb,
+            self._kv_cache_bytes(self._llm.metadata),
+        )
+        self._conversations = ConversationCache(
+            Path(spec.kv_cache_dir) if spec.kv_cache_dir else None, "llamacpp", budget
+        )
         logger.info(
             "loaded %s: n_ctx=%d threads=%d (%s%s) embedding=%s in %.3f s",
             model_path,
@@ -279,7 +301,7 @@ class LlamaCppSession:
     ) -> GenerationStats:
         llama_cpp = self._llama_cpp
         started = time.perf_counter_ns()
-        reused = self._reuse_prefix(llm, tokens)
+        reused = self._reuse_or_restore(llm, tokens)
         pending = tokens[reused:]
         for start in range(0, len(pending), llm.n_batch):
             if cancel.is_set():
@@ -379,6 +401,51 @@ class LlamaCppSession:
         llm.input_ids[keep : filled - discard] = llm.input_ids[keep + discard : filled]
         llm.n_tokens = filled - discard
         logger.info("context full at %d tokens: kept %d, dropped the %d after them", filled, keep, discard)
+        return True
+
+    def _reuse_or_restore(self, llm: Any, tokens: list[int]) -> int:
+        """Keep or restore the longest cached prefix of `tokens`; the count kept. The live cache is saved
+        as a conversation first when the prompt would discard a substantial part of it."""
+        cached = llm.input_ids[: llm.n_tokens].tolist()
+        here = min(common_prefix_length(cached, tokens), len(tokens) - 1)
+        if self._conversations.enabled and len(cached) - here >= SAVE_MIN_TOKENS:
+            self._save_conversation(llm, cached)
+        entry, shared = self._conversations.best_match(tokens)
+        restorable = entry is not None and min(shared, len(tokens) - 1) >= here + RESTORE_MIN_GAIN
+        if restorable and entry is not None and self._restore_conversation(llm, entry):
+            logger.info("conversation cache restored: %d of %d prompt tokens", shared, len(tokens))
+        return self._reuse_prefix(llm, tokens)
+
+    def _save_conversation(self, llm: Any, cached: list[int]) -> None:
+        llama_cpp = self._llama_cpp
+        llama_cpp.llama_synchronize(llm.ctx)
+        size = int(llama_cpp.llama_state_seq_get_size(llm.ctx, _SEQUENCE))
+        buffer = (ctypes.c_uint8 * size)()
+        written = int(llama_cpp.llama_state_seq_get_data(llm.ctx, buffer, size, _SEQUENCE))
+        if written <= 0:
+            logger.warning("llama.cpp returned no state for the conversation in the cache")
+            return
+        self._conversations.add_state(cached, bytes(buffer)[:written])
+
+    def _restore_conversation(self, llm: Any, entry: CachedConversation) -> bool:
+        llama_cpp = self._llama_cpp
+        try:
+            data = self._conversations.read(entry)
+        except OSError as exc:
+            logger.warning("could not read a saved conversation state: %s", exc)
+            self._conversations.forget(entry)
+            return False
+        self._forget_cache(llm)
+        buffer = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if int(llama_cpp.llama_state_seq_set_data(llm.ctx, buffer, len(data), _SEQUENCE)) != len(data):
+            logger.warning("llama.cpp refused a saved conversation state: dropping it")
+            self._forget_cache(llm)
+            self._conversations.forget(entry)
+            return False
+        count = len(entry.tokens)
+        llm.input_ids[:count] = entry.tokens
+        llm.n_tokens = count
+        self._conversations.touch(entry)
         return True
 
     def _reuse_prefix(self, llm: Any, tokens: list[int]) -> int:
@@ -505,6 +572,7 @@ class LlamaCppSession:
 
     def close(self) -> None:
         if self._llm is not None:
+            self._conversations.clear()
             self._llm.close()
             self._llm = None
             self._piece_cache.clear()

@@ -11,6 +11,8 @@ shared and noisy. Results are printed and written to tests/bench/results/latest.
 2. Idle RSS of the server process, and the time from process start to the first answer on `/`.
 3. RKLLM on the simulator: daemon CPU per token, TTFT added, prefill with and without prefix reuse
    (see tests/bench/rkllm.py).
+4. Prefix reuse on a Qwen-size tokenizer and conversation caches, RKLLM simulator and llama.cpp
+   (see tests/bench/conversations.py; `--only conversations` runs just these).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import ollama
 from rkllama_ollama.chat.template import ChatTemplate
 from rkllama_ollama.runtime.base import LoadSpec, SamplingOptions
 from rkllama_ollama.runtime.cpus import plan_threads
+from tests.bench import conversations as conversations_bench
 from tests.bench import rkllm as rkllm_bench
 from tests.support.daemon import Daemon
 from tests.support.tiny_gguf import write_tiny_gguf
@@ -154,8 +157,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument(
+        "--only",
+        choices=("all", "conversations", "conversations-llamacpp", "conversations-rkllm"),
+        default="all",
+    )
     args = parser.parse_args()
     results: dict[str, Any] = {}
+    if args.only.startswith("conversations"):
+        parts = ("llamacpp", "rkllm") if args.only == "conversations" else (args.only.split("-")[1],)
+        rounds = min(args.rounds, len(conversations_bench.TOPICS))
+        with tempfile.TemporaryDirectory() as tmp:
+            results["conversations"] = conversations_bench.run(
+                Path(tmp), embedded_gguf() is not None, rounds, parts
+            )
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "conversations.json").write_text(json.dumps(results, indent=2) + "\n")
+        print(json.dumps(results, indent=2))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "models"
         (store / "tiny").mkdir(parents=True)
@@ -167,6 +186,9 @@ def main() -> None:
         )
         results["rkllm_sim"] = rkllm_bench.run(Path(tmp) / "rkllm", args.rounds)
         smol = embedded_gguf()
+        results["conversations"] = conversations_bench.run(
+            Path(tmp), smol is not None, min(args.rounds, len(conversations_bench.TOPICS))
+        )
         if smol is not None:
             results["decode_smollm2"] = bench_decode(store, "smollm2:135m", smol, args.rounds, args.tokens)
             if len(os.sched_getaffinity(0)) >= 2:

@@ -183,7 +183,9 @@ def prefill_over_turns(store: Path, turns: int) -> dict[str, Any]:
     _model(store, "chat", tokenizer=True, reply="Sure, here it is.")
     result: dict[str, Any] = {}
     for family, label in (("E", "prefix_reuse_1.2.1"), ("C", "no_reuse_1.1.4")):
-        with Daemon(store, env={"RKLLAMA_RKLLM_LIB": str(build_simulators()[family])}).start() as daemon:
+        # In-place reuse only: the conversation caches (which give 1.1.4 reuse too) are measured apart.
+        env = {"RKLLAMA_RKLLM_LIB": str(build_simulators()[family]), "RKLLAMA_KV_CACHE_SLOTS": "0"}
+        with Daemon(store, env=env).start() as daemon:
             client = ollama.Client(host=daemon.url)
             messages: list[dict[str, str]] = []
             fed = 0

@@ -5,9 +5,16 @@ One session owns one rkllm handle. Runs in the runner child process only.
 - rkllm_run is called on the thread that calls generate(); the runtime delivers callbacks on its
   own thread while that call blocks, and `emit` is called from the callback (never concurrently
   with the generate() caller, which is blocked in rkllm_run).
-- KV prefix reuse (families D/E/F): the session remembers the tokens in the runtime's cache, runs
-  with keep_history=1 and feeds only the new suffix; when the prompt diverges it clears the cache
-  and feeds the whole prompt. Family C has no history: every prompt is fed whole.
+- KV prefix reuse (families D/E/F): the session remembers the tokens the runtime's cache really holds
+  (the ids fed, the ids generated and the end-of-turn token the runtime sampled), runs with
+  keep_history=1 and feeds only what extends them. When the prompt diverges from them, the runtime
+  offers no way to cut a multi-turn cache at a position (ranged clearing needs a paused single-turn
+  run), so the session clears it and restores the best conversation cache instead, else feeds the
+  whole prompt. Family C has no history: every prompt is fed whole, or restored from a cache.
+- Conversation caches (runtime/kv_cache.py, every family): each run saves its prefill state to a
+  prompt-cache file (RKLLMInferParam.prompt_cache_params); a prompt that shares more tokens with one
+  of them than with the live cache clears the live cache, loads that file (rkllm_load_prompt_cache)
+  and runs the whole prompt: the runtime prefills only what follows the shared prefix.
 - Sampling: on F per request through RKLLMSamplingParam; on C/D/E sampling lives in RKLLMParam,
   so a request whose sampling differs from the loaded values re-initialises the handle (destroy +
   init: the model is loaded again, seconds on a device; the time is in `last_reload_ns`, and the
@@ -43,6 +50,13 @@ from rkllama_ollama.runtime.base import (
     ModelInfo,
     RuntimeFailure,
     SamplingOptions,
+)
+from rkllama_ollama.runtime.kv_cache import (
+    RESTORE_MIN_GAIN,
+    SAVE_MIN_TOKENS,
+    CacheBudget,
+    ConversationCache,
+    common_prefix_length,
 )
 from rkllama_ollama.runtime.rkllm import abi
 from rkllama_ollama.runtime.rkllm.abi import Family
@@ -105,14 +119,6 @@ def _template_pieces(params: dict[str, Any]) -> tuple[str, str, str] | None:
     return (str(pieces[0]), str(pieces[1]), str(pieces[2]))
 
 
-def _common_prefix_length(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 @dataclass
 class _Run:
     """What one rkllm_run produced, filled in by the callback thread."""
@@ -170,6 +176,11 @@ class RkllmSession:
         self._callback_struct: Any = None
         self._param: Any = None
         self._context_limit = self._load.num_ctx
+        self._conversations = ConversationCache(
+            Path(spec.kv_cache_dir) if spec.kv_cache_dir else None,
+            f"rkllm-{self._version}",  # prompt-cache files are tied to the runtime version
+            CacheBudget.sized(spec.kv_cache_slots, spec.kv_cache_ram_mb, 0),
+        )
         self._init_handle(self._loaded_sampling)
         self.info = ModelInfo(
             context_length=self._context_limit,
@@ -290,6 +301,7 @@ class RkllmSession:
 
     def close(self) -> None:
         self._destroy_handle()
+        self._conversations.clear()
 
     # ------------------------------------------------------------------ callback
 
@@ -474,26 +486,30 @@ class RkllmSession:
             )
         # With the runtime's own template every run is one templated turn: no history is kept across runs.
         keep_history = self._family >= Family.D and not self._runtime_template
-        feed = tokens
-        if keep_history:
-            if self._kv_dirty:
-                self._clear_cache()
-            common = _common_prefix_length(self._cached, tokens)
-            if common == len(self._cached) and common < len(tokens):
-                feed = tokens[common:]
-            elif self._cached:
-                log.debug(
-                    "prompt diverges from the KV cache at %d of %d: clearing", common, len(self._cached)
-                )
-                self._clear_cache()
+        if keep_history and self._kv_dirty:
+            self._clear_cache()
+        feed, reused, restoring = self._plan_feed(tokens, keep_history)
         num_predict = self._request_limit(options)
         run = _Run(emit=emit, num_predict=num_predict, abort_on_limit=self._family != Family.F)
         keepalive: list[Any] = []
         rkllm_input = self._make_input(feed, keepalive)
         infer = self._make_infer(abi.INFER_GENERATE, keep_history, options, num_predict)
+        save_path = self._conversations.reserve_file()
+        if save_path is not None:
+            cache_param = self._layout.PromptCacheParam(
+                save_prompt_cache=1, prompt_cache_path=os.fsencode(save_path)
+            )
+            keepalive.append(cache_param)
+            infer.prompt_cache_params = ctypes.pointer(cache_param)
         started = time.perf_counter()
-        rc = self._execute(run, rkllm_input, infer, cancel)
+        try:
+            rc = self._execute(run, rkllm_input, infer, cancel)
+        finally:
+            if restoring:
+                self._lib.rkllm_release_prompt_cache(self._handle)
         ended = time.perf_counter()
+        if save_path is not None and not run.failed:
+            self._conversations.add_file(tokens, save_path)
         tail = run.decoder.decode(b"", final=True)
         if tail and not run.aborted and run.emit_error is None:
             emit(tail)
@@ -506,7 +522,76 @@ class RkllmSession:
             raise RuntimeFailure(self._run_error_message(rc, len(tokens), context))
         stopped_early = run.aborted or (run.limit_reached and run.abort_on_limit)
         self._remember_cache(tokens, generated, run, keep_history, stopped_early)
-        return self._stats(tokens, feed, run, started, ended, context)
+        return self._stats(tokens, len(tokens) - reused, run, started, ended, context)
+
+    def _save_leaving_conversation(self) -> None:
+        """Save the live cache (prompt, reply and end-of-turn token) as a conversation cache before a
+        prompt of another conversation replaces it. The runtime saves a run's prefill state only, so a
+        one-token run appends the token that followed the previous end-of-turn in the prompt (likely what
+        the conversation's next prompt continues with; any token would do: a restore reuses only the
+        shared prefix) and is stopped at its first generated token."""
+        held = self._cached
+        entry, shared = self._conversations.best_match(held)
+        if (entry is not None and shared == len(held)) or len(held) + 2 >= self._context_limit:
+            return
+        path = self._conversations.reserve_file()
+        if path is None:
+            return
+        follower = self._token_after_last_turn(held)
+        run = _Run(emit=None, num_predict=1, abort_on_limit=True)
+        keepalive: list[Any] = []
+        rkllm_input = self._make_input([follower], keepalive)
+        infer = self._make_infer(abi.INFER_GENERATE, True, None, 1)
+        cache_param = self._layout.PromptCacheParam(save_prompt_cache=1, prompt_cache_path=os.fsencode(path))
+        keepalive.append(cache_param)
+        infer.prompt_cache_params = ctypes.pointer(cache_param)
+        started = time.perf_counter()
+        self._execute(run, rkllm_input, infer)
+        self._kv_dirty = True  # holds the extra tokens: cleared before anything else runs
+        if not run.failed:
+            self._conversations.add_file([*held, follower], path)
+            log.info(
+                "conversation cache saved: %d tokens in %.0f ms",
+                len(held),
+                (time.perf_counter() - started) * 1e3,
+            )
+
+    def _token_after_last_turn(self, held: list[int]) -> int:
+        newline = self._tokenizer.encode("\n")
+        fallback = (
+            newline[0] if len(newline) == 1 else (self._eos_id if self._eos_id is not None else held[-1])
+        )
+        if self._eos_id is None:
+            return fallback
+        ends = [i for i, token in enumerate(held[:-1]) if token == self._eos_id]
+        return held[ends[-1] + 1] if ends else fallback
+
+    def _plan_feed(self, tokens: list[int], keep_history: bool) -> tuple[list[int], int, bool]:
+        """What to feed for `tokens`, how many of them the runtime already holds or restores, and whether
+        a conversation cache was loaded for this run (released after it)."""
+        common = common_prefix_length(self._cached, tokens) if keep_history else 0
+        extends = keep_history and common == len(self._cached) and common < len(tokens)
+        in_place = common if extends else 0
+        if keep_history and len(self._cached) - common >= SAVE_MIN_TOKENS:
+            self._save_leaving_conversation()
+        entry, shared = self._conversations.best_match(tokens)
+        shared = min(shared, len(tokens) - 1)  # the runtime prefills at least one token
+        if entry is not None and entry.path is not None and shared >= in_place + RESTORE_MIN_GAIN:
+            if self._cached:
+                self._clear_cache()
+            rc = self._lib.rkllm_load_prompt_cache(self._handle, os.fsencode(entry.path))
+            if rc == 0:
+                self._conversations.touch(entry)
+                log.info("conversation cache restored: %d of %d prompt tokens", shared, len(tokens))
+                return tokens, shared, True
+            log.warning("rkllm_load_prompt_cache failed (%d): dropping that conversation cache", rc)
+            self._conversations.forget(entry)
+        if extends:
+            return tokens[common:], common, False
+        if self._cached:
+            log.debug("prompt diverges from the KV cache at %d of %d: clearing", common, len(self._cached))
+            self._clear_cache()
+        return tokens, 0, False
 
     def _run_error_message(self, rc: int, prompt_tokens: int, context: int) -> str:
         return (
@@ -525,6 +610,10 @@ class RkllmSession:
                 self._reconcile_with_runtime(expected)
             elif stopped_early:
                 self._kv_dirty = True
+            elif run.finished and self._eos_id is not None and len(expected) < self._context_limit:
+                # Ended by the end-of-turn token: the runtime sampled it, so its cache holds it (on E/F
+                # rkllm_get_kv_cache_size confirms this; D has no way to ask).
+                self._cached = expected + [self._eos_id]
             else:
                 self._cached = expected
         elif stopped_early:
@@ -552,15 +641,15 @@ class RkllmSession:
             self._kv_dirty = True
 
     def _stats(
-        self, tokens: list[int], feed: list[int], run: _Run, started: float, ended: float, context: int
+        self, tokens: list[int], fed: int, run: _Run, started: float, ended: float, context: int
     ) -> GenerationStats:
         eval_count = len(run.token_ids)
         first = run.first_token_at if run.first_token_at is not None else ended
-        prompt_eval_count = len(feed)
+        prompt_eval_count = fed
         if run.perf is not None and self._runtime_template:
             prompt_eval_count = run.perf[1]  # what the runtime prefilled: its own template's tokens too
-        elif run.perf is not None and run.perf[1] != len(feed):
-            log.warning("runtime prefilled %d tokens, the session fed %d", run.perf[1], len(feed))
+        elif run.perf is not None and run.perf[1] != fed:
+            log.warning("runtime prefilled %d tokens, the session expected %d", run.perf[1], fed)
         if run.perf is not None:
             prompt_eval_ns = int(run.perf[0] * 1e6)
             eval_ns = int(run.perf[2] * 1e6)
