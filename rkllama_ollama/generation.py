@@ -228,11 +228,13 @@ class Generator:
         num_threads: int,
         cpus: tuple[int, ...] = (),
         observer: GenerationObserver | None = None,
+        num_parallel: int = 1,
     ) -> None:
         self.scheduler = scheduler
         self.default_num_ctx = default_num_ctx
         self.num_threads = num_threads
         self.cpus = cpus
+        self.num_parallel = num_parallel
         self.observer: GenerationObserver = observer or NullObserver()
         self.prefix_keeper = PrefixKeeper(scheduler)
 
@@ -261,6 +263,8 @@ class Generator:
             tokenizer_dir=str(entry.tokenizer_dir) if entry.tokenizer_dir else None,
             # Sampling lives in SamplingOptions per request; rkllm families C-E need init-time defaults.
             params=params if entry.format == "rkllm" else {},
+            # Several sequences in one llama.cpp context (runtime/batched.py); embeddings stay serial.
+            parallel=self.num_parallel if entry.format != "rkllm" and not embedding else 1,
         )
 
     async def embed(
@@ -278,7 +282,7 @@ class Generator:
         """
         started = time.perf_counter_ns()
         spec = self.load_spec(entry, options or {}, embedding=True)
-        async with self.scheduler.turn(interactive=True):
+        async with self.scheduler.turn(entry.name.key, interactive=True, spec=spec):
             loaded = await self._ensure_loaded(entry, spec, keep_alive_s)
             load_ns = time.perf_counter_ns() - started
             result = None
@@ -290,7 +294,7 @@ class Generator:
                     raise
                 except ContextOverflow:
                     raise ContextOverflow(INPUT_TOO_LONG) from None
-            self.scheduler.touch(keep_alive_s)
+            self.scheduler.touch(loaded, keep_alive_s)
         vectors = finite_vectors(result.vectors) if result is not None else []
         if len(vectors) != len(inputs):
             raise RuntimeFailure(f"the runtime returned {len(vectors)} vectors for {len(inputs)} inputs")
@@ -300,9 +304,9 @@ class Generator:
     async def load(self, entry: ModelEntry, options: dict[str, Any], keep_alive_s: float | None) -> int:
         """Load-only request: returns load_ns."""
         spec = self.load_spec(entry, options)
-        async with self.scheduler.turn(interactive=True):
+        async with self.scheduler.turn(entry.name.key, interactive=True, spec=spec):
             loaded = await self._ensure_loaded(entry, spec, keep_alive_s)
-            self.scheduler.touch(keep_alive_s)
+            self.scheduler.touch(loaded, keep_alive_s)
             return loaded.load_ns
 
     async def _ensure_loaded(
@@ -411,7 +415,7 @@ class Generator:
         think_arg = request.think if request.think is not None else ("thinking" in entry.capabilities or None)
         model = entry.name.display
         self.observer.generation_started(model)
-        async with self.scheduler.turn(interactive=request.interactive):
+        async with self.scheduler.turn(entry.name.key, interactive=request.interactive, spec=spec):
             loaded = await self._ensure_loaded(entry, spec, request.keep_alive_s)
             load_ns = time.perf_counter_ns() - started  # like Ollama: request start until the model is ready
             try:
@@ -483,11 +487,11 @@ class Generator:
             if stats is None:
                 raise RuntimeFailure("generation ended without statistics")
             self.observer.generation_finished(model, stats)
-            self.scheduler.touch(request.keep_alive_s)
+            self.scheduler.touch(loaded, request.keep_alive_s)
             if request.interactive:
                 self.prefix_keeper.streamed(loaded.key, model, loaded.spec, prompt + "".join(produced))
             else:
-                self.prefix_keeper.background_ended()
+                self.prefix_keeper.background_ended(loaded.key)
             reason = "stop" if stopped or stats.done_reason in ("stop", "abort") else stats.done_reason
             yield Done(reason, stats, load_ns + stats.reload_ns, time.perf_counter_ns() - started)
 

@@ -51,9 +51,10 @@ class PrefixKeeper:
         self._cancel_timer()
         self._last = _Conversation(key, model, spec, text) if spec.engine == "llamacpp" else None
 
-    def background_ended(self) -> None:
-        """A non-streamed generation ended: it has evicted the conversation, restore it when idle."""
-        if self._last is None:
+    def background_ended(self, key: str) -> None:
+        """A non-streamed generation on model `key` ended: on the conversation's model it has evicted
+        the conversation, restore it when idle (another resident model has a cache of its own)."""
+        if self._last is None or self._last.key != key:
             return
         self._cancel_timer()
         self._timer = asyncio.get_running_loop().call_later(self._delay_s, self._start)
@@ -78,8 +79,8 @@ class PrefixKeeper:
         if last is None:
             return
         self._preempted = False
-        async with self._scheduler.idle_turn(self._preempt) as granted:
-            loaded = self._scheduler.loaded
+        async with self._scheduler.idle_turn(last.key, self._preempt) as granted:
+            loaded = self._scheduler.loaded_model(last.key)
             if not granted or loaded is None or loaded.key != last.key or loaded.spec != last.spec:
                 return
             started = time.perf_counter()

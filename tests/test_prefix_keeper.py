@@ -95,8 +95,11 @@ class FakeScheduler:
         self.granted = True
         self.arrival_at_once = False
 
+    def loaded_model(self, key: str) -> SimpleNamespace | None:
+        return self.loaded if key == self.loaded.key else None
+
     @asynccontextmanager
-    async def idle_turn(self, preempt: Callable[[], None]) -> AsyncIterator[bool]:
+    async def idle_turn(self, key: str, preempt: Callable[[], None]) -> AsyncIterator[bool]:
         if self.granted and self.arrival_at_once:
             preempt()  # a request arrives the moment the turn is granted
         yield self.granted
@@ -108,10 +111,10 @@ SPEC = LoadSpec(engine="llamacpp", model_path="m.gguf")
 async def test_background_requests_in_a_row_give_one_restore_of_the_last_streamed_text() -> None:
     scheduler = FakeScheduler(SPEC)
     keeper = PrefixKeeper(cast(Scheduler, scheduler), delay_s=0.01)
-    keeper.background_ended()  # nothing streamed yet: nothing to restore
+    keeper.background_ended("k")  # nothing streamed yet: nothing to restore
     keeper.streamed("k", "m", SPEC, "prompt + reply")
-    keeper.background_ended()
-    keeper.background_ended()  # a second one restarts the delay instead of restoring twice
+    keeper.background_ended("k")
+    keeper.background_ended("k")  # a second one restarts the delay instead of restoring twice
     await asyncio.sleep(0.1)
     assert scheduler.runs == ["prompt + reply"]
 
@@ -120,13 +123,13 @@ async def test_nothing_is_restored_for_rkllm_or_a_model_no_longer_loaded_or_a_bu
     scheduler = FakeScheduler(SPEC)
     keeper = PrefixKeeper(cast(Scheduler, scheduler), delay_s=0.01)
     keeper.streamed("k", "m", LoadSpec(engine="rkllm", model_path="m.rkllm"), "text")
-    keeper.background_ended()
+    keeper.background_ended("k")
     keeper.streamed("other", "o", SPEC, "text")  # a model that is not the loaded one
-    keeper.background_ended()
+    keeper.background_ended("other")
     await asyncio.sleep(0.05)
     scheduler.granted = False
     keeper.streamed("k", "m", SPEC, "text")
-    keeper.background_ended()
+    keeper.background_ended("k")
     await asyncio.sleep(0.05)
     assert scheduler.runs == []
 
@@ -137,6 +140,6 @@ async def test_a_request_arriving_before_the_restore_has_begun_still_stops_it() 
     keeper = PrefixKeeper(cast(Scheduler, scheduler), delay_s=0.01)
     GENERATIONS.clear()
     keeper.streamed("k", "m", SPEC, "text")
-    keeper.background_ended()
+    keeper.background_ended("k")
     await asyncio.sleep(0.1)
     assert [generation.aborted for generation in GENERATIONS] == [True]

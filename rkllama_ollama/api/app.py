@@ -80,6 +80,7 @@ def build_context(settings: Settings) -> AppContext:
     scheduler = Scheduler(
         keep_alive_s=settings.keep_alive_s,
         max_queue=settings.max_queue,
+        max_loaded=settings.max_loaded_models,
         runner_env=runner_environment(settings.rkllm_lib, settings.rkllm_version, settings.log_level),
     )
     generator = Generator(
@@ -87,6 +88,7 @@ def build_context(settings: Settings) -> AppContext:
         default_num_ctx=settings.default_num_ctx,
         num_threads=settings.num_threads,
         cpus=settings.cpus,
+        num_parallel=settings.num_parallel,
     )
     return AppContext(settings=settings, store=store, scheduler=scheduler, generator=generator)
 

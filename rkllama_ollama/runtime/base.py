@@ -46,6 +46,7 @@ class LoadSpec:
     cores: tuple[int, ...] = ()  # llama.cpp: the cores to pin to (RKLLAMA_CPUS); () = engine default
     embedding: bool = False  # load for embeddings (llama.cpp) / hidden-layer mode (rkllm)
     tokenizer_dir: str | None = None  # Hugging Face tokenizer files (rkllm models)
+    parallel: int = 1  # sequences served at once (llama.cpp generation; RKLLAMA_NUM_PARALLEL)
     # Modelfile defaults that are load-time parameters on some engines (RKLLMParam on families C-E):
     params: dict[str, Any] = field(default_factory=dict)
 
@@ -68,6 +69,7 @@ class ModelInfo:
     add_bos_token: bool = False  # engine adds BOS itself when tokenizing a prompt
     embedding_length: int = 0
     memory_bytes: int = 0  # resident size of the loaded model (for /api/ps)
+    parallel: int = 1  # sequences the session serves at once (RKLLAMA_NUM_PARALLEL, where supported)
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
