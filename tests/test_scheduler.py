@@ -165,3 +165,43 @@ async def test_an_unload_preempts_background_work_holding_the_session() -> None:
         await scheduler.unload(SimpleNamespace(name=SimpleNamespace(key="m")))  # type: ignore[arg-type]
         assert preempted == ["unload"]  # told at once; the unload itself happens when the turn ends
     lane.loaded = None
+
+
+async def test_turns_asking_for_the_same_load_share_a_runner_up_to_its_parallel_slots() -> None:
+    from types import SimpleNamespace
+
+    from rkllama_ollama.runtime.base import LoadSpec
+
+    scheduler = make()
+    chat = LoadSpec(engine="llamacpp", model_path="m.gguf", parallel=2)
+    other = LoadSpec(engine="llamacpp", model_path="m.gguf", num_ctx=99, parallel=2)
+    lane = scheduler._lane("m")
+    lane.loaded = SimpleNamespace(  # type: ignore[assignment]
+        key="m",
+        spec=chat,
+        info=SimpleNamespace(parallel=2),
+        runner=SimpleNamespace(alive=True),
+        keep_alive_s=-1.0,
+        expires_at=0.0,
+    )
+    order: list[str] = []
+    gate = asyncio.Event()
+
+    async def hold_spec(name: str, spec: LoadSpec | None) -> None:
+        async with scheduler.turn("m", interactive=True, spec=spec):
+            order.append(name)
+            await gate.wait()
+
+    tasks = [asyncio.create_task(hold_spec("a", chat))]
+    await settle()
+    tasks.append(asyncio.create_task(hold_spec("b", chat)))  # shares the runner: two slots
+    await settle()
+    tasks.append(asyncio.create_task(hold_spec("c", chat)))  # a third waits: both slots are taken
+    tasks.append(asyncio.create_task(hold_spec("d", other)))  # another load waits for the lane to empty
+    tasks.append(asyncio.create_task(hold_spec("e", None)))  # a turn without a spec is always alone
+    await settle()
+    assert order == ["a", "b"] and scheduler.queue_depth == 3
+    gate.set()
+    await asyncio.gather(*tasks)
+    assert order == ["a", "b", "c", "d", "e"]
+    lane.loaded = None
