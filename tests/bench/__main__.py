@@ -11,6 +11,9 @@ shared and noisy. Results are printed and written to tests/bench/results/latest.
 2. Idle RSS of the server process, and the time from process start to the first answer on `/`.
 3. RKLLM on the simulator: daemon CPU per token, TTFT added, prefill with and without prefix reuse
    (see tests/bench/rkllm.py).
+4. Several users and several models: four parallel streams vs the same four in a row
+   (RKLLAMA_NUM_PARALLEL), and a chat model next to an embedding model (RKLLAMA_MAX_LOADED_MODELS); see
+   tests/bench/multi.py. `--only multi` runs just these.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import ollama
 from rkllama_ollama.chat.template import ChatTemplate
 from rkllama_ollama.runtime.base import LoadSpec, SamplingOptions
 from rkllama_ollama.runtime.cpus import plan_threads
+from tests.bench import multi as multi_bench
 from tests.bench import rkllm as rkllm_bench
 from tests.support.daemon import Daemon
 from tests.support.tiny_gguf import write_tiny_gguf
@@ -154,6 +158,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--only", choices=["multi"], help="run only this group of benchmarks")
     args = parser.parse_args()
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -161,12 +166,18 @@ def main() -> None:
         (store / "tiny").mkdir(parents=True)
         write_tiny_gguf(store / "tiny" / "tiny.gguf", context_length=4096)
         (store / "tiny" / "Modelfile").write_text('FROM="tiny.gguf"\n')
+        smol = embedded_gguf()
+        chat_model = "smollm2:135m" if smol is not None else "tiny"
+        results["parallel_streams"] = multi_bench.parallel_streams(store, chat_model, args.rounds, 64)
+        results["resident_pairs"] = multi_bench.resident_pairs(store, chat_model, args.rounds)
+        if args.only == "multi":
+            print(json.dumps(results, indent=2))
+            return
         results["startup"] = bench_startup(store, args.rounds)
         results["decode_tiny"] = bench_decode(
             store, "tiny", store / "tiny" / "tiny.gguf", args.rounds, args.tokens
         )
         results["rkllm_sim"] = rkllm_bench.run(Path(tmp) / "rkllm", args.rounds)
-        smol = embedded_gguf()
         if smol is not None:
             results["decode_smollm2"] = bench_decode(store, "smollm2:135m", smol, args.rounds, args.tokens)
             if len(os.sched_getaffinity(0)) >= 2:
