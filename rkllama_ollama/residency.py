@@ -65,11 +65,11 @@ def kv_cache_bytes(model_info: dict[str, Any], num_ctx: int) -> int:
 
 
 def estimated_bytes(entry: ModelEntry, spec: LoadSpec) -> int:
-    """What loading `entry` with `spec` will take: the weights plus the KV cache (or, when the metadata
-    does not describe the attention, a tenth of the weights for it)."""
+    """What loading `entry` with `spec` will take: the weights plus the KV cache of every parallel
+    sequence (or, when the metadata does not describe the attention, a tenth of the weights for each)."""
     weights = entry.size
     kv = kv_cache_bytes(entry.model_info, spec.num_ctx)
-    return weights + (kv or weights // 10)
+    return weights + (kv or weights // 10) * max(1, spec.parallel)
 
 
 @dataclass(frozen=True)

@@ -385,6 +385,9 @@ class Scheduler:
         except BaseException:
             await runner.stop()
             raise
+        if self._closed:  # the server began shutting down during the load: nobody will stop it later
+            await runner.stop()
+            raise QueueFull("server is shutting down")
         load_ns = time.perf_counter_ns() - started
         ka = self.default_keep_alive_s if keep_alive_s is None else keep_alive_s
         loaded = lane.loaded = LoadedModel(entry, spec, runner, info, load_ns, ka)

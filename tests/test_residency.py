@@ -126,3 +126,24 @@ def test_mem_available_is_read_from_meminfo(tmp_path: Path) -> None:
     meminfo.write_text("MemTotal:       16000000 kB\nMemAvailable:    8000000 kB\n")
     assert mem_available_bytes(meminfo) == 8000000 * 1024
     assert mem_available_bytes(tmp_path / "missing") is None
+
+
+def test_the_estimate_counts_the_kv_cache_of_every_parallel_sequence(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from rkllama_ollama.residency import estimated_bytes
+    from rkllama_ollama.runtime.base import LoadSpec
+
+    info = {
+        "general.architecture": "llama",
+        "llama.block_count": 2,
+        "llama.embedding_length": 64,
+        "llama.attention.head_count": 4,
+    }
+    entry = SimpleNamespace(size=1000, model_info=info)
+    one = estimated_bytes(entry, LoadSpec("llamacpp", "m", num_ctx=100))  # type: ignore[arg-type]
+    four = estimated_bytes(entry, LoadSpec("llamacpp", "m", num_ctx=100, parallel=4))  # type: ignore[arg-type]
+    kv = 2 * 100 * 4 * (16 + 16) * 2
+    assert (one, four) == (1000 + kv, 1000 + 4 * kv)
+    bare = SimpleNamespace(size=1000, model_info={})
+    assert estimated_bytes(bare, LoadSpec("rkllm", "m")) == 1100  # type: ignore[arg-type]
