@@ -49,6 +49,8 @@ class Settings:
     models_dir: Path = field(default_factory=lambda: Path.home() / "RKLLAMA" / "models")
     keep_alive_s: float = DEFAULT_KEEP_ALIVE_S  # negative = forever
     max_queue: int = 64  # requests waiting for the session; more -> 503
+    max_loaded_models: int = 3  # RKLLAMA_MAX_LOADED_MODELS: models resident at once (one .rkllm at most)
+    num_parallel: int = 1  # RKLLAMA_NUM_PARALLEL: sequences a llama.cpp model serves at once
     num_threads: int = 0  # llama.cpp threads, 0 = one per fastest usable core (runtime/cpus.py)
     cpus: tuple[int, ...] = ()  # RKLLAMA_CPUS: cores llama.cpp is pinned to; () = the fastest usable
     default_num_ctx: int = 4096
@@ -88,6 +90,15 @@ def _non_negative(env: Mapping[str, str], key: str, default: int) -> int:
     value = _int(env, key, default)
     if value < 0:
         raise ConfigError(f"{key} must be 0 or more, got {value}")
+    return value
+
+
+def _positive(env: Mapping[str, str], suffix: str, default: int) -> int:
+    """RKLLAMA_<suffix>, else OLLAMA_<suffix>: a whole number of at least 1."""
+    key = f"RKLLAMA_{suffix}" if env.get(f"RKLLAMA_{suffix}", "").strip() else f"OLLAMA_{suffix}"
+    value = _int(env, key, default)
+    if value < 1:
+        raise ConfigError(f"{key} must be at least 1, got {value}")
     return value
 
 
@@ -141,6 +152,8 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> Settings:
         models_dir=Path(models).expanduser() if models else base.models_dir,
         keep_alive_s=keep_alive,
         max_queue=_int(env, "RKLLAMA_MAX_QUEUE", base.max_queue),
+        max_loaded_models=_positive(env, "MAX_LOADED_MODELS", base.max_loaded_models),
+        num_parallel=_positive(env, "NUM_PARALLEL", base.num_parallel),
         num_threads=_int(env, "RKLLAMA_NUM_THREADS", base.num_threads),
         cpus=cpus,
         max_body_bytes=_int(env, "RKLLAMA_MAX_BODY_MB", base.max_body_bytes // 2**20) * 2**20,

@@ -102,12 +102,13 @@ def _start_watchdog(notifier: Notifier) -> asyncio.Task[None] | None:
 
 async def _shut_down(runner: web.AppRunner, app: web.Application) -> None:
     """Close the socket, end requests, stop the runner; kill the runner if that takes too long."""
-    loaded = app[CONTEXT_KEY].scheduler.loaded  # the scheduler forgets it as soon as it starts stopping it
+    loaded = app[CONTEXT_KEY].scheduler.loaded_models  # the scheduler forgets them as it starts stopping them
     try:
         await asyncio.wait_for(runner.cleanup(), SHUTDOWN_DEADLINE_S)
     except TimeoutError:
         log.warning("shutdown took longer than %.1fs; killing the runner", SHUTDOWN_DEADLINE_S)
     finally:
-        if loaded is not None and loaded.runner.alive:
-            with contextlib.suppress(ProcessLookupError):
-                loaded.runner.kill()
+        for model in loaded:
+            if model.runner.alive:
+                with contextlib.suppress(ProcessLookupError):
+                    model.runner.kill()

@@ -253,12 +253,14 @@ class Generator:
         cpus: tuple[int, ...] = (),
         observer: GenerationObserver | None = None,
         kv_cache: KvCacheSettings | None = None,
+        num_parallel: int = 1,
     ) -> None:
         self.scheduler = scheduler
         self.default_num_ctx = default_num_ctx
         self.num_threads = num_threads
         self.cpus = cpus
         self.kv_cache = kv_cache or KvCacheSettings()
+        self.num_parallel = num_parallel
         self.observer: GenerationObserver = observer or NullObserver()
         # Downloads missing tokenizer files of RKLLama-style models once (set by the app; None: never).
         self.tokenizers: TokenizerFetcher | None = None
@@ -302,6 +304,8 @@ class Generator:
             ),
             kv_cache_slots=self.kv_cache.slots,
             kv_cache_ram_mb=self.kv_cache.ram_mb,
+            # Several sequences in one llama.cpp context (runtime/batched.py); embeddings stay serial.
+            parallel=self.num_parallel if entry.format != "rkllm" and not embedding else 1,
         )
 
     async def embed(
@@ -320,7 +324,7 @@ class Generator:
         started = time.perf_counter_ns()
         entry = await self._complete(entry)
         spec = self.load_spec(entry, options or {}, embedding=True)
-        async with self.scheduler.turn(interactive=True):
+        async with self.scheduler.turn(entry.name.key, interactive=True, spec=spec):
             loaded = await self._ensure_loaded(entry, spec, keep_alive_s)
             load_ns = time.perf_counter_ns() - started
             result = None
@@ -332,7 +336,7 @@ class Generator:
                     raise
                 except ContextOverflow:
                     raise ContextOverflow(INPUT_TOO_LONG) from None
-            self.scheduler.touch(keep_alive_s)
+            self.scheduler.touch(loaded, keep_alive_s)
         vectors = finite_vectors(result.vectors) if result is not None else []
         if len(vectors) != len(inputs):
             raise RuntimeFailure(f"the runtime returned {len(vectors)} vectors for {len(inputs)} inputs")
@@ -343,9 +347,9 @@ class Generator:
         """Load-only request: returns load_ns."""
         entry = await self._complete(entry)
         spec = self.load_spec(entry, options)
-        async with self.scheduler.turn(interactive=True):
+        async with self.scheduler.turn(entry.name.key, interactive=True, spec=spec):
             loaded = await self._ensure_loaded(entry, spec, keep_alive_s)
-            self.scheduler.touch(keep_alive_s)
+            self.scheduler.touch(loaded, keep_alive_s)
             return loaded.load_ns
 
     async def _ensure_loaded(
@@ -476,7 +480,7 @@ class Generator:
         think_arg = request.think if request.think is not None else self.default_think(entry)
         model = entry.name.display
         self.observer.generation_started(model)
-        async with self.scheduler.turn(interactive=request.interactive):
+        async with self.scheduler.turn(entry.name.key, interactive=request.interactive, spec=spec):
             loaded = await self._ensure_loaded(entry, spec, request.keep_alive_s)
             load_ns = time.perf_counter_ns() - started  # like Ollama: request start until the model is ready
             try:
@@ -546,7 +550,7 @@ class Generator:
             if stats is None:
                 raise RuntimeFailure("generation ended without statistics")
             self.observer.generation_finished(model, stats)
-            self.scheduler.touch(request.keep_alive_s)
+            self.scheduler.touch(loaded, request.keep_alive_s)
             reason = "stop" if stopped or stats.done_reason in ("stop", "abort") else stats.done_reason
             yield Done(reason, stats, load_ns + stats.reload_ns, time.perf_counter_ns() - started)
 

@@ -46,8 +46,7 @@ class CreatedModel:
 
 async def unload_before_replacing(scheduler: Scheduler, name: ModelName) -> None:
     """A model about to be replaced on disk must not keep serving its old weights."""
-    loaded = scheduler.loaded
-    if loaded is not None and loaded.key == name.key:
+    if scheduler.loaded_model(name.key) is not None:
         await scheduler.unload_if_loaded(name.key)
 
 

@@ -41,3 +41,16 @@ def test_kv_cache_settings() -> None:
         settings_from_env({"RKLLAMA_KV_CACHE_SLOTS": "-2"})
     with pytest.raises(ConfigError, match="RKLLAMA_KV_CACHE_RAM_MB must be 0 or more, got -1"):
         settings_from_env({"RKLLAMA_KV_CACHE_RAM_MB": "-1"})
+
+
+@pytest.mark.parametrize(
+    "suffix, field", [("MAX_LOADED_MODELS", "max_loaded_models"), ("NUM_PARALLEL", "num_parallel")]
+)
+def test_resident_models_and_parallel_slots_with_their_ollama_twins(suffix: str, field: str) -> None:
+    assert getattr(settings_from_env({}), field) == (3 if suffix == "MAX_LOADED_MODELS" else 1)
+    assert getattr(settings_from_env({f"OLLAMA_{suffix}": "2"}), field) == 2
+    assert getattr(settings_from_env({f"OLLAMA_{suffix}": "2", f"RKLLAMA_{suffix}": "4"}), field) == 4
+    with pytest.raises(ConfigError, match=f"RKLLAMA_{suffix} must be at least 1, got 0"):
+        settings_from_env({f"RKLLAMA_{suffix}": "0"})
+    with pytest.raises(ConfigError, match=f"OLLAMA_{suffix} must be an integer, got 'x'"):
+        settings_from_env({f"OLLAMA_{suffix}": "x"})

@@ -21,6 +21,7 @@ LAYERS = {
     "options": 2,
     "structured": 2,
     "config": 2,
+    "residency": 3,
     "scheduler": 3,
     "generation": 4,
     "model_admin": 4,

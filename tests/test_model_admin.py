@@ -1,7 +1,7 @@
 """model_admin without HTTP: unload before delete / replace, the create flow's sources and statuses.
 
 A real Store on a tiny GGUF; the scheduler is a stand-in with the two members model_admin uses
-(`loaded` and `unload_if_loaded`), which records what the store held at the moment of each unload.
+(`loaded_model` and `unload_if_loaded`), which records what the store held at the moment of each unload.
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ class FakeScheduler:
         self.store = store
         self.loaded = _Loaded(parse_name(loaded).key) if loaded else None
         self.unloads: list[tuple[str, str | None]] = []  # (key, the model's SYSTEM on disk at that moment)
+
+    def loaded_model(self, key: str) -> _Loaded | None:
+        return self.loaded if self.loaded is not None and self.loaded.key == key else None
 
     async def unload_if_loaded(self, key: str) -> None:
         system = self.store.resolve(key).modelfile.system if self.store.exists(key) else None

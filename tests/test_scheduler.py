@@ -16,7 +16,7 @@ def make(max_queue: int = 8, aging_s: float = 1000.0) -> Scheduler:
 async def hold(
     scheduler: Scheduler, name: str, order: list[str], *, interactive: bool, release: asyncio.Event
 ) -> None:
-    async with scheduler.turn(interactive=interactive):
+    async with scheduler.turn("m", interactive=interactive):
         order.append(name)
         await release.wait()
 
@@ -80,7 +80,7 @@ async def test_full_queue_is_refused_before_waiting() -> None:
     await settle()
     assert scheduler.queue_depth == 2
     with pytest.raises(QueueFull, match="maximum pending requests exceeded"):
-        async with scheduler.turn(interactive=True):
+        async with scheduler.turn("m", interactive=True):
             pass
     gate.set()
     await asyncio.gather(*tasks)
@@ -103,7 +103,7 @@ async def test_a_cancelled_waiter_leaves_the_queue_and_the_turn_moves_on() -> No
     await asyncio.gather(first, after)
     assert order == ["first", "after"]
     # The lock is free again: a new turn is granted at once.
-    async with scheduler.turn(interactive=False):
+    async with scheduler.turn("m", interactive=False):
         assert scheduler.queue_depth == 0
 
 
@@ -129,14 +129,16 @@ async def test_an_idle_turn_is_granted_only_when_nobody_wants_the_session_and_yi
     order: list[str] = []
     busy = asyncio.create_task(hold(scheduler, "busy", order, interactive=False, release=gate))
     await settle()
-    async with scheduler.idle_turn(lambda: preempted.append("early")) as granted:
+    async with scheduler.idle_turn("m", lambda: preempted.append("early")) as granted:
         assert not granted  # someone holds the session
     gate.set()
     await busy
     work_may_end = asyncio.Event()
 
     async def background() -> None:
-        async with scheduler.idle_turn(lambda: (preempted.append("by chat"), work_may_end.set())) as granted:
+        async with scheduler.idle_turn(
+            "m", lambda: (preempted.append("by chat"), work_may_end.set())
+        ) as granted:
             assert granted
             order.append("background")
             await work_may_end.wait()  # stands for work that stops when preempted
@@ -155,10 +157,51 @@ async def test_an_unload_preempts_background_work_holding_the_session() -> None:
 
     scheduler = make()
     runner = SimpleNamespace(alive=False)  # the release that follows sees a runner already gone
-    scheduler._loaded = SimpleNamespace(key="m", keep_alive_s=300.0, expires_at=0.0, runner=runner)  # type: ignore[assignment]
+    lane = scheduler._lane("m")
+    lane.loaded = SimpleNamespace(key="m", keep_alive_s=300.0, expires_at=0.0, runner=runner)  # type: ignore[assignment]
     preempted: list[str] = []
-    async with scheduler.idle_turn(lambda: preempted.append("unload")) as granted:
+    async with scheduler.idle_turn("m", lambda: preempted.append("unload")) as granted:
         assert granted
         await scheduler.unload(SimpleNamespace(name=SimpleNamespace(key="m")))  # type: ignore[arg-type]
         assert preempted == ["unload"]  # told at once; the unload itself happens when the turn ends
-    scheduler._loaded = None
+    lane.loaded = None
+
+
+async def test_turns_asking_for_the_same_load_share_a_runner_up_to_its_parallel_slots() -> None:
+    from types import SimpleNamespace
+
+    from rkllama_ollama.runtime.base import LoadSpec
+
+    scheduler = make()
+    chat = LoadSpec(engine="llamacpp", model_path="m.gguf", parallel=2)
+    other = LoadSpec(engine="llamacpp", model_path="m.gguf", num_ctx=99, parallel=2)
+    lane = scheduler._lane("m")
+    lane.loaded = SimpleNamespace(  # type: ignore[assignment]
+        key="m",
+        spec=chat,
+        info=SimpleNamespace(parallel=2),
+        runner=SimpleNamespace(alive=True),
+        keep_alive_s=-1.0,
+        expires_at=0.0,
+    )
+    order: list[str] = []
+    gate = asyncio.Event()
+
+    async def hold_spec(name: str, spec: LoadSpec | None) -> None:
+        async with scheduler.turn("m", interactive=True, spec=spec):
+            order.append(name)
+            await gate.wait()
+
+    tasks = [asyncio.create_task(hold_spec("a", chat))]
+    await settle()
+    tasks.append(asyncio.create_task(hold_spec("b", chat)))  # shares the runner: two slots
+    await settle()
+    tasks.append(asyncio.create_task(hold_spec("c", chat)))  # a third waits: both slots are taken
+    tasks.append(asyncio.create_task(hold_spec("d", other)))  # another load waits for the lane to empty
+    tasks.append(asyncio.create_task(hold_spec("e", None)))  # a turn without a spec is always alone
+    await settle()
+    assert order == ["a", "b"] and scheduler.queue_depth == 3
+    gate.set()
+    await asyncio.gather(*tasks)
+    assert order == ["a", "b", "c", "d", "e"]
+    lane.loaded = None

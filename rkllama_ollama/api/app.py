@@ -82,6 +82,7 @@ def build_context(settings: Settings) -> AppContext:
     scheduler = Scheduler(
         keep_alive_s=settings.keep_alive_s,
         max_queue=settings.max_queue,
+        max_loaded=settings.max_loaded_models,
         runner_env=runner_environment(settings.rkllm_lib, settings.rkllm_version, settings.log_level),
     )
     generator = Generator(
@@ -94,6 +95,7 @@ def build_context(settings: Settings) -> AppContext:
             slots=settings.kv_cache_slots,
             ram_mb=settings.kv_cache_ram_mb,
         ),
+        num_parallel=settings.num_parallel,
     )
     generator.tokenizers = TokenizerFetcher(store)
     return AppContext(settings=settings, store=store, scheduler=scheduler, generator=generator)

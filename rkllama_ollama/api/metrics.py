@@ -104,8 +104,7 @@ class _SchedulerCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         yield self._queue_depth(self._scheduler.queue_depth)
-        loaded = self._scheduler.loaded
-        yield self._loaded([] if loaded is None else [(loaded.entry.name.display, loaded.spec.engine)])
+        yield self._loaded([(m.entry.name.display, m.spec.engine) for m in self._scheduler.loaded_models])
 
     @staticmethod
     def _queue_depth(value: int) -> GaugeMetricFamily:
@@ -117,7 +116,7 @@ class _SchedulerCollector(Collector):
     def _loaded(models: list[tuple[str, str]]) -> GaugeMetricFamily:
         family = GaugeMetricFamily(
             "rkllama_loaded_model",
-            "The model loaded in the runner (1 while loaded).",
+            "The models loaded in runners (1 while loaded).",
             labels=["model", "engine"],
         )
         for model, engine in models:

@@ -346,9 +346,8 @@ class OllamaApi:
         return wire.json_response(reply)
 
     async def ps(self, request: web.Request) -> web.Response:
-        loaded = self.ctx.scheduler.loaded
         models = []
-        if loaded is not None:
+        for loaded in self.ctx.scheduler.loaded_models:  # the most recently used first
             entry = loaded.entry
             expires = loaded.expires_at
             expires_at = (

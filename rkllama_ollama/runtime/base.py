@@ -53,6 +53,7 @@ class LoadSpec:
     # rkllm, runtime 1.2.0+: the server has no chat template for the model, so the runtime applies the one
     # built into the .rkllm (or the Modelfile's SYSTEM_PROMPT/PROMPT_PREFIX/PROMPT_POSTFIX in `params`)
     runtime_template: bool = False
+    parallel: int = 1  # sequences served at once (llama.cpp generation; RKLLAMA_NUM_PARALLEL)
     # Modelfile defaults that are load-time parameters on some engines (RKLLMParam on families C-E):
     params: dict[str, Any] = field(default_factory=dict)
     # Conversation caches (runtime/kv_cache.py): the model's cache folder (None: RAM only, and none for
@@ -80,6 +81,7 @@ class ModelInfo:
     add_bos_token: bool = False  # engine adds BOS itself when tokenizing a prompt
     embedding_length: int = 0
     memory_bytes: int = 0  # resident size of the loaded model (for /api/ps)
+    parallel: int = 1  # sequences the session serves at once (RKLLAMA_NUM_PARALLEL, where supported)
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)

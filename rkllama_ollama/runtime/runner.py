@@ -94,8 +94,13 @@ def _read_frame(stream: BinaryIO) -> dict[str, Any] | None:
     return None if payload is None else orjson.loads(payload)
 
 
-def make_runtime(engine: str) -> Runtime:
+def make_runtime(spec: LoadSpec) -> Runtime:
     """Import the engine only here, inside the child: the server process never loads native code."""
+    engine = spec.engine
+    if engine == "llamacpp" and spec.parallel > 1 and not spec.embedding:
+        from rkllama_ollama.runtime.batched import BatchedLlamaCppRuntime
+
+        return BatchedLlamaCppRuntime()
     if engine == "llamacpp":
         from rkllama_ollama.runtime.llamacpp import LlamaCppRuntime
 
@@ -157,24 +162,33 @@ class _ChildRunner:
             message = self._inbox.get()
             if message is None:
                 break
-            request_id = message.get("id")
-            try:
-                self._handle(message)
-            except RuntimeFailure as exc:
-                self.send(
-                    {
-                        "ev": "error",
-                        "id": request_id,
-                        "message": str(exc),
-                        "overflow": isinstance(exc, ContextOverflow),
-                        "invalid": isinstance(exc, InvalidInput),
-                    }
-                )
-            except Exception as exc:  # an engine bug must not take the runner down silently
-                log.exception("runner: %s failed", message.get("op"))
-                self.send({"ev": "error", "id": request_id, "message": f"runner error: {exc}"})
+            session = self._session
+            if message.get("op") == "generate" and session is not None and session.info.parallel > 1:
+                # A session serving several sequences at once: each generation waits in its own thread.
+                threading.Thread(target=self._handle_reporting, args=(message,), daemon=True).start()
+            else:
+                self._handle_reporting(message)
         if self._session is not None:
             self._session.close()
+
+    def _handle_reporting(self, message: dict[str, Any]) -> None:
+        """Handle one command; a failure becomes an error event for its request."""
+        request_id = message.get("id")
+        try:
+            self._handle(message)
+        except RuntimeFailure as exc:
+            self.send(
+                {
+                    "ev": "error",
+                    "id": request_id,
+                    "message": str(exc),
+                    "overflow": isinstance(exc, ContextOverflow),
+                    "invalid": isinstance(exc, InvalidInput),
+                }
+            )
+        except Exception as exc:  # an engine bug must not take the runner down silently
+            log.exception("runner: %s failed", message.get("op"))
+            self.send({"ev": "error", "id": request_id, "message": f"runner error: {exc}"})
 
     def _handle(self, message: dict[str, Any]) -> None:
         op = message.get("op")
@@ -185,7 +199,7 @@ class _ChildRunner:
             if self._session is not None:
                 self._session.close()
                 self._session = None
-            self._session = make_runtime(spec.engine).load(spec)
+            self._session = make_runtime(spec).load(spec)
             load_ns = time.perf_counter_ns() - started
             self.send(
                 {"ev": "loaded", "id": request_id, "info": self._session.info.to_wire(), "load_ns": load_ns}

@@ -13,6 +13,9 @@ shared and noisy. Results are printed and written to tests/bench/results/latest.
    (see tests/bench/rkllm.py).
 4. Prefix reuse on a Qwen-size tokenizer and conversation caches, RKLLM simulator and llama.cpp
    (see tests/bench/conversations.py; `--only conversations` runs just these).
+5. Several users and several models: four parallel streams vs the same four in a row
+   (RKLLAMA_NUM_PARALLEL), and a chat model next to an embedding model (RKLLAMA_MAX_LOADED_MODELS); see
+   tests/bench/multi.py. `--only multi` runs just these.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from rkllama_ollama.chat.template import ChatTemplate
 from rkllama_ollama.runtime.base import LoadSpec, SamplingOptions
 from rkllama_ollama.runtime.cpus import plan_threads
 from tests.bench import conversations as conversations_bench
+from tests.bench import multi as multi_bench
 from tests.bench import rkllm as rkllm_bench
 from tests.support.daemon import Daemon
 from tests.support.tiny_gguf import write_tiny_gguf
@@ -159,7 +163,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument(
         "--only",
-        choices=("all", "conversations", "conversations-llamacpp", "conversations-rkllm"),
+        choices=("all", "conversations", "conversations-llamacpp", "conversations-rkllm", "multi"),
         default="all",
     )
     args = parser.parse_args()
@@ -180,12 +184,18 @@ def main() -> None:
         (store / "tiny").mkdir(parents=True)
         write_tiny_gguf(store / "tiny" / "tiny.gguf", context_length=4096)
         (store / "tiny" / "Modelfile").write_text('FROM="tiny.gguf"\n')
+        smol = embedded_gguf()
+        chat_model = "smollm2:135m" if smol is not None else "tiny"
+        results["parallel_streams"] = multi_bench.parallel_streams(store, chat_model, args.rounds, 64)
+        results["resident_pairs"] = multi_bench.resident_pairs(store, chat_model, args.rounds)
+        if args.only == "multi":
+            print(json.dumps(results, indent=2))
+            return
         results["startup"] = bench_startup(store, args.rounds)
         results["decode_tiny"] = bench_decode(
             store, "tiny", store / "tiny" / "tiny.gguf", args.rounds, args.tokens
         )
         results["rkllm_sim"] = rkllm_bench.run(Path(tmp) / "rkllm", args.rounds)
-        smol = embedded_gguf()
         results["conversations"] = conversations_bench.run(
             Path(tmp), smol is not None, min(args.rounds, len(conversations_bench.TOPICS))
         )

@@ -1,11 +1,12 @@
 """Find librkllmrt.so, tell which ABI family it is, and open it with that family's signatures.
 
 Detection (docs/board-startup.md, docs/rkllm-runtime.md): exported symbols tell 1.0.x / C / D /
-E-or-F apart; the exact version comes, in this order, from `RKLLAMA_RKLLM_VERSION` (always wins), from the version literal the
-library file carries in its read-only data (no code runs), and from the `rkllm-runtime version: X`
-line that rkllm_init prints. That last probe runs in a throw-away child process (a wrong layout may
-crash it) and passes a model path that does not exist; it only works when the NPU can be opened,
-because from 1.2.0 the banner (which carries the driver version) is printed after the device is opened.
+E-or-F apart; the exact version comes, in this order, from `RKLLAMA_RKLLM_VERSION` (always wins), from
+the version literal the library file carries in its read-only data (no code runs), and from the
+`rkllm-runtime version: X` line that rkllm_init prints. That last probe runs in a throw-away child
+process (a wrong layout may crash it) and passes a model path that does not exist; it only works when
+the NPU can be opened, because from 1.2.0 the banner (which carries the driver version) is printed
+after the device is opened.
 
 This module loads the vendor library into the current process; call it only inside the runner
 child process, never in the daemon.

@@ -1,0 +1,133 @@
+"""Several models and several users on one machine (part of `make bench`).
+
+1. Parallel streams: four users stream from one llama.cpp model at once. The same four chats (greedy,
+   `tokens` tokens each) go one after another to a daemon with RKLLAMA_NUM_PARALLEL=1, then all at once
+   to one with RKLLAMA_NUM_PARALLEL=4, A B A B; each round's prompts start with the round number, so no
+   cache is reused across rounds. Figure: total generated tokens per second, parallel ÷ serial, and
+   whether every parallel stream's text was its serial text.
+2. Resident pairs (Open WebUI's RAG pattern): embed a question with an embedding model, then chat with
+   the chat model, `rounds` times; with the default RKLLAMA_MAX_LOADED_MODELS and with 1 (a single
+   session, which reloads on every switch). Figures: loads counted in the daemon's log, seconds per round.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import ollama
+
+from tests.support.daemon import Daemon
+from tests.support.tiny_gguf import write_tiny_gguf
+
+QUESTIONS = [
+    "Write a short story about a robot who learns to paint.",
+    "Explain how a bicycle stays upright.",
+    "Describe a walk through a forest in autumn.",
+    "What should I pack for a week at the sea?",
+]
+
+
+def _chat(client: ollama.Client, model: str, question: str, tokens: int) -> tuple[str, int]:
+    parts: list[str] = []
+    count = 0
+    for chunk in client.chat(
+        model,
+        messages=[{"role": "user", "content": question}],
+        options={"num_predict": tokens, "temperature": 0, "seed": 1},
+        stream=True,
+    ):
+        parts.append(chunk.message.content or "")
+        if chunk.done:
+            count = chunk.eval_count or 0
+    return "".join(parts), count
+
+
+def _serial(client: ollama.Client, model: str, questions: list[str], tokens: int) -> tuple[float, list[str]]:
+    started = time.perf_counter()
+    results = [_chat(client, model, question, tokens) for question in questions]
+    return sum(count for _, count in results) / (time.perf_counter() - started), [text for text, _ in results]
+
+
+def _parallel(
+    client: ollama.Client, model: str, questions: list[str], tokens: int
+) -> tuple[float, list[str]]:
+    results: list[tuple[str, int]] = [("", 0)] * len(questions)
+
+    def one(index: int) -> None:
+        results[index] = _chat(client, model, questions[index], tokens)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(questions))]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(count for _, count in results) / (time.perf_counter() - started), [text for text, _ in results]
+
+
+def parallel_streams(store: Path, model: str, rounds: int, tokens: int) -> dict[str, Any]:
+    serial_rates: list[float] = []
+    parallel_rates: list[float] = []
+    identical = True
+    with (
+        Daemon(store, env={"RKLLAMA_EMBEDDED_MODEL": "1", "RKLLAMA_NUM_PARALLEL": "1"}).start() as one,
+        Daemon(store, env={"RKLLAMA_EMBEDDED_MODEL": "1", "RKLLAMA_NUM_PARALLEL": "4"}).start() as four,
+    ):
+        serial_client, parallel_client = ollama.Client(host=one.url), ollama.Client(host=four.url)
+        _chat(serial_client, model, "warm up", 4)
+        _chat(parallel_client, model, "warm up", 4)
+        for round_ in range(rounds):  # A B A B
+            questions = [f"Round {round_}. {question}" for question in QUESTIONS]
+            rate, serial_texts = _serial(serial_client, model, questions, tokens)
+            serial_rates.append(rate)
+            rate, parallel_texts = _parallel(parallel_client, model, questions, tokens)
+            parallel_rates.append(rate)
+            identical = identical and parallel_texts == serial_texts
+    ratios = [p / s for p, s in zip(parallel_rates, serial_rates, strict=True)]
+    return {
+        "model": model,
+        "streams": len(QUESTIONS),
+        "tokens_per_stream": tokens,
+        "serial_tok_s": serial_rates,
+        "parallel_tok_s": parallel_rates,
+        "ratio_median": statistics.median(ratios),
+        "ratio_min": min(ratios),
+        "texts_identical": identical,
+    }
+
+
+LOADED = re.compile(r"loaded model=(\S+) engine")
+
+
+def resident_pairs(store: Path, chat_model: str, rounds: int) -> dict[str, Any]:
+    if not (store / "emb").exists():
+        (store / "emb").mkdir(parents=True)
+        write_tiny_gguf(store / "emb" / "emb.gguf", embedding=True)
+    results: dict[str, Any] = {}
+    for label, max_loaded in (("resident", "3"), ("single_session", "1")):
+        env = {"RKLLAMA_EMBEDDED_MODEL": "1", "RKLLAMA_MAX_LOADED_MODELS": max_loaded}
+        with Daemon(store, env=env).start() as daemon:
+            client = ollama.Client(host=daemon.url)
+            seconds: list[float] = []
+            for round_ in range(rounds):
+                started = time.perf_counter()
+                client.embed("emb", input=[f"What did we say about topic {round_}?"])
+                client.chat(
+                    chat_model,
+                    messages=[{"role": "user", "content": f"Answer from the context, topic {round_}."}],
+                    options={"num_predict": 8, "temperature": 0},
+                )
+                seconds.append(time.perf_counter() - started)
+            loads = LOADED.findall(daemon.log())
+        results[label] = {
+            "loads": len(loads),
+            "loads_after_first_round": len(loads) - 2,
+            "round_s_first": seconds[0],
+            "round_s_median_after_first": statistics.median(seconds[1:]) if rounds > 1 else None,
+        }
+    return results
