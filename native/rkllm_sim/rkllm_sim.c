@@ -8,7 +8,12 @@
  *   max_context_len=<int>     the model's context limit (min'ed with RKLLMParam.max_context_len)
  *   crash_after_tokens=<int>  raise SIGSEGV after N generated tokens (-1 = never)
  *   fail_init=<0|1>           rkllm_init fails
- *   embd_size=<int>           hidden-layer width (default 64)
+ *   embd_size=<int>           hidden-layer width (default 64), also the width of image embeddings
+ *
+ * Multimodal input (RKLLM_INPUT_MULTIMODAL) is answered with text derived from what it received:
+ * "images=N tokens=T[ size=WxH] [1@O1:C1] [2@O2:C2] ... " followed by `reply`, where Oi is the byte
+ * offset of the i-th "<image>" tag in the prompt and Ci the FNV-1a 32 hash (8 hex digits) of the
+ * float32 bytes of the i-th image's T x embd_size embeddings (see sim_mm_prepare).
  *
  * Behaviour the bindings depend on: rkllm_run blocks while a worker pthread delivers callbacks;
  * WAITING until a UTF-8 character is complete; FINISH (with perf on E/F) or ERROR; abort at the
@@ -58,6 +63,7 @@ typedef struct {
     int keep_history;
     int max_new_tokens;
     void *userdata;
+    char *mm_reply; /* multimodal input: the reply derived from the image embeddings (sim_mm_prepare) */
 } SimJob;
 
 typedef struct {
@@ -290,7 +296,9 @@ static void run_generate(SimHandle *h, SimJob *job, size_t n_input) {
     size_t n_pending = 0;
     int stopped_by_callback = 0;
     RKLLMResult result;
-    for (size_t i = 0; i < h->model.reply_len; i++) {
+    const char *reply = job->mm_reply ? job->mm_reply : h->model.reply;
+    size_t reply_len = job->mm_reply ? strlen(job->mm_reply) : h->model.reply_len;
+    for (size_t i = 0; i < reply_len; i++) {
         if (atomic_load(&h->abort_requested)) {
             h->last_status = 0;
             return; /* aborted: no terminal callback, rkllm_run returns */
@@ -307,7 +315,7 @@ static void run_generate(SimHandle *h, SimJob *job, size_t n_input) {
             raise(SIGSEGV);
         }
         sleep_us(h->model.token_delay_ms * 1000);
-        unsigned char byte = (unsigned char)h->model.reply[i];
+        unsigned char byte = (unsigned char)reply[i];
         pos++;
         generated++;
         h->kv_pos = pos;
@@ -394,7 +402,97 @@ static void free_job(SimJob *job) {
     free(job->role);
     free(job->bytes);
     free(job->tokens);
+    free(job->mm_reply);
     memset(job, 0, sizeof *job);
+}
+
+
+/* ---------------------------------------------------------------- multimodal input (vision) */
+/* Kept apart from the text paths: sim_mm_prepare turns one RKLLM_INPUT_MULTIMODAL input into a prompt
+ * job whose reply proves which embeddings arrived, in which order, at which "<image>" tag. */
+
+#define SIM_MM_TAG "<image>"
+
+static uint32_t sim_mm_fnv1a(const void *data, size_t n) {
+    const unsigned char *p = data;
+    uint32_t hash = 2166136261u;
+    for (size_t i = 0; i < n; i++) {
+        hash = (hash ^ p[i]) * 16777619u;
+    }
+    return hash;
+}
+
+static int sim_mm_fail(const char *message) {
+    fprintf(stderr, "E rkllm: %s\n", message);
+    return -1;
+}
+
+static int sim_mm_prepare(const SimHandle *h, SimJob *job, const RKLLMMultiModalInput *mm) {
+#if RKLLM_SIM_AT_LEAST(F)
+    const float *embed = mm->image.image_embed;
+    size_t n_tokens = mm->image.n_image_tokens;
+    size_t n_image = mm->image.n_image;
+    const char *start = mm->image.image_start, *end = mm->image.image_end, *content = mm->image.image_content;
+    size_t width = mm->image.image_width, height = mm->image.image_height;
+    int has_count = 1, has_size = 1;
+#else
+    const float *embed = mm->image_embed;
+    size_t n_tokens = mm->n_image_tokens;
+    const char *start = h->param.img_start, *end = h->param.img_end, *content = h->param.img_content;
+#if RKLLM_SIM_AT_LEAST(E)
+    size_t n_image = mm->n_image;
+    size_t width = mm->image_width, height = mm->image_height;
+    int has_count = 1, has_size = 1;
+#else
+    size_t n_image = 0, width = 0, height = 0;
+    int has_count = 0, has_size = 0;
+#endif
+#endif
+    if (!mm->prompt) {
+        return sim_mm_fail("multimodal input without a prompt");
+    }
+    if (!start || !end || !content || !*content) {
+        return sim_mm_fail("image start/end/content markers are not set");
+    }
+    size_t tags = 0;
+    for (const char *p = strstr(mm->prompt, SIM_MM_TAG); p; p = strstr(p + 1, SIM_MM_TAG)) {
+        tags++;
+    }
+    if (!has_count) {
+        n_image = tags;
+    }
+    if (n_image != tags) {
+        fprintf(stderr, "E rkllm: n_image is %zu but the prompt has %zu <image> tags\n", n_image, tags);
+        return -1;
+    }
+    if (tags == 0 || !embed || n_tokens == 0) {
+        return sim_mm_fail("multimodal input without image embeddings");
+    }
+    if (has_size && (width == 0 || height == 0)) {
+        return sim_mm_fail("image_width/image_height are not set");
+    }
+    size_t embd = (size_t)h->model.embd_size;
+    size_t cap = 128 + tags * 32 + h->model.reply_len;
+    char *reply = malloc(cap);
+    int len = snprintf(reply, cap, "images=%zu tokens=%zu", n_image, n_tokens);
+    if (has_size) {
+        len += snprintf(reply + len, cap - (size_t)len, " size=%zux%zu", width, height);
+    }
+    size_t index = 0;
+    for (const char *p = strstr(mm->prompt, SIM_MM_TAG); p; p = strstr(p + 1, SIM_MM_TAG), index++) {
+        const float *block = embed + index * n_tokens * embd;
+        uint32_t hash = sim_mm_fnv1a(block, sizeof(float) * n_tokens * embd);
+        len += snprintf(reply + len, cap - (size_t)len, " [%zu@%zu:%08x]", index + 1, (size_t)(p - mm->prompt), hash);
+    }
+    snprintf(reply + len, cap - (size_t)len, ". %s", h->model.reply);
+    job->mm_reply = reply;
+    /* Prefill: the prompt with every tag expanded to start + n_tokens x content + end. */
+    size_t prompt_len = strlen(mm->prompt);
+    job->n_bytes = prompt_len - tags * strlen(SIM_MM_TAG) + tags * n_tokens;
+    job->bytes = calloc(job->n_bytes + prompt_len + 1, 1);
+    memcpy(job->bytes, mm->prompt, prompt_len);
+    job->input_type = RKLLM_INPUT_PROMPT;
+    return 0;
 }
 
 /* Copy what the caller passed: the worker must not depend on caller memory (needed for run_async). */
@@ -427,6 +525,10 @@ static int prepare_job(SimHandle *h, RKLLMInput *input, RKLLMInferParam *infer, 
         job->tokens = calloc(job->n_tokens ? job->n_tokens : 1, sizeof(int32_t));
         break;
     case RKLLM_INPUT_MULTIMODAL:
+        if (sim_mm_prepare(h, job, &input->multimodal_input) != 0) {
+            return -1;
+        }
+        break;
     default:
         fprintf(stderr, "E rkllm: input type %d is not supported by the simulator\n", (int)input->input_type);
         return -1;

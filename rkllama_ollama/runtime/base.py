@@ -13,6 +13,9 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol
 
+# Where an image goes in a prompt given to a vision session: one tag per image, in the images' order.
+IMAGE_TAG = "<image>"
+
 
 class RuntimeFailure(Exception):
     """An engine could not do what was asked (bad model file, context overflow, runtime error).
@@ -48,6 +51,9 @@ class LoadSpec:
     tokenizer_dir: str | None = None  # Hugging Face tokenizer files (rkllm models)
     # Modelfile defaults that are load-time parameters on some engines (RKLLMParam on families C-E):
     params: dict[str, Any] = field(default_factory=dict)
+    # A vision model's image encoder: {"encoder": path of the .rknn file, "family": recipe name,
+    # "img_start"/"img_end"/"img_content": marker overrides}; empty for text-only models.
+    vision: dict[str, Any] = field(default_factory=dict)
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
