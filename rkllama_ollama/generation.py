@@ -18,14 +18,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+from rkllama_ollama.chat.images import images_in_order, tagged_messages, with_image_tags
 from rkllama_ollama.chat.parse import OutputPipeline, ToolCall
 from rkllama_ollama.chat.template import ChatTemplate, TemplateError
 from rkllama_ollama.models.store import ModelEntry
 from rkllama_ollama.options import layer_options, sampling_from
 from rkllama_ollama.prefix_keeper import PrefixKeeper
 from rkllama_ollama.runtime.base import (
+    IMAGE_TAG,
     ContextOverflow,
     GenerationStats,
+    InvalidInput,
     LoadSpec,
     RuntimeFailure,
     TokenLogprob,
@@ -69,6 +72,7 @@ class GenerationRequest:
     top_logprobs: int = -1  # -1: no log-probabilities; n >= 0: with each token's n likeliest alternatives
     truncate: bool = True  # chat: drop the oldest messages when the conversation outgrows the context
     shift: bool = True  # a reply that fills the context shifts it and goes on (llama.cpp)
+    images: list[str] | None = None  # generate: base64 pictures (checked); chat images ride on messages
 
 
 # `logprobs`, when the request asked for them: the entries of the tokens generated since the previous
@@ -261,6 +265,7 @@ class Generator:
             tokenizer_dir=str(entry.tokenizer_dir) if entry.tokenizer_dir else None,
             # Sampling lives in SamplingOptions per request; rkllm families C-E need init-time defaults.
             params=params if entry.format == "rkllm" else {},
+            vision=entry.vision_settings(),
         )
 
     async def embed(
@@ -362,7 +367,7 @@ class Generator:
             tools = None
         guide = request.format is not None and not self._constrains(request.entry)
         if request.messages is not None:
-            messages = self._chat_messages(request)
+            messages = tagged_messages(self._chat_messages(request))
             if guide:
                 messages = guided_messages(messages, request.format)
 
@@ -376,13 +381,16 @@ class Generator:
             else:
                 prompt = render(messages)
         elif request.raw:
-            prompt = request.prompt or ""
+            prompt = with_image_tags(request.prompt or "", len(request.images or ()))
         else:
             system = request.system if request.system is not None else request.entry.modelfile.system
             if guide:
                 system = guided_system(system, request.format)
             prompt = template.render_generate(
-                request.prompt or "", system, suffix=request.suffix, think=think
+                with_image_tags(request.prompt or "", len(request.images or ())),
+                system,
+                suffix=request.suffix,
+                think=think,
             )
         if request.context:  # like Ollama: the earlier exchange goes before the new rendered prompt
             prompt = await loaded.runner.detokenize(request.context) + prompt
@@ -449,7 +457,8 @@ class Generator:
             stopped = False
             last_piece_ns = 0
             produced: list[str] = []  # the raw text generated, for the prefix keeper
-            generation = loaded.runner.generate(prompt, sampling)
+            images = prompt_images(request, prompt)
+            generation = loaded.runner.generate(prompt, sampling, images)
             try:
                 async for item in generation:
                     if isinstance(item, Piece):
@@ -490,6 +499,21 @@ class Generator:
                 self.prefix_keeper.background_ended()
             reason = "stop" if stopped or stats.done_reason in ("stop", "abort") else stats.done_reason
             yield Done(reason, stats, load_ns + stats.reload_ns, time.perf_counter_ns() - started)
+
+
+def prompt_images(request: GenerationRequest, prompt: str) -> list[str] | None:
+    """The request's images that the rendered prompt still holds, in order. When the conversation was
+    truncated, the oldest messages went with their images: the prompt's tags belong to the last ones."""
+    if request.messages is not None:
+        images = images_in_order(request.messages)
+    else:
+        images = list(request.images or ())
+    if not images:
+        return None
+    tags = prompt.count(IMAGE_TAG)
+    if tags > len(images):
+        raise InvalidInput(f"the prompt has {tags} {IMAGE_TAG} tags but the request has {len(images)} images")
+    return images[len(images) - tags :] if tags else None
 
 
 async def fit_messages(
