@@ -36,7 +36,10 @@ typedef struct {
     rknn_tensor_type input_type;
     long run_delay_ms;
     int crash_on_run;
-    double *pixels; /* the last input, NHWC, as values in the model's input units */
+    void *input; /* the last input as given (copied, like the runtime copies it to NPU memory) */
+    size_t input_size;
+    rknn_tensor_type given_type;
+    rknn_tensor_format given_fmt;
     int have_input;
     float *output;
     int have_output;
@@ -158,7 +161,7 @@ SIM_API int rknn_init(rknn_context *context, void *model, uint32_t size, uint32_
         return rc;
     }
     e->magic = SIM_MAGIC;
-    e->pixels = malloc(sizeof(double) * (size_t)e->width * e->height * 3);
+    e->input = malloc(sizeof(float) * (size_t)e->width * e->height * 3);
     e->output = malloc(sizeof(float) * (size_t)e->n_tokens * e->embed_dim);
     *context = (rknn_context)(uintptr_t)e;
     return RKNN_SUCC;
@@ -170,7 +173,7 @@ SIM_API int rknn_destroy(rknn_context context) {
         return RKNN_ERR_CTX_INVALID;
     }
     e->magic = 0;
-    free(e->pixels);
+    free(e->input);
     free(e->output);
     free(e);
     return RKNN_SUCC;
@@ -290,14 +293,10 @@ SIM_API int rknn_inputs_set(rknn_context context, uint32_t n_inputs, rknn_input 
                 n * element);
         return RKNN_ERR_INPUT_INVALID;
     }
-    size_t hw = (size_t)e->width * e->height;
-    for (size_t i = 0; i < n; i++) {
-        /* i indexes the NHWC position; NCHW input is read transposed */
-        size_t pixel = i / 3, channel = i % 3;
-        size_t src = in->fmt == RKNN_TENSOR_NHWC ? i : channel * hw + pixel;
-        e->pixels[i] = element == 4 ? (double)((const float *)in->buf)[src]
-                                    : (double)((const uint8_t *)in->buf)[src];
-    }
+    memcpy(e->input, in->buf, in->size);
+    e->input_size = in->size;
+    e->given_type = in->type;
+    e->given_fmt = in->fmt;
     e->have_input = 1;
     e->have_output = 0;
     return RKNN_SUCC;
@@ -320,6 +319,8 @@ SIM_API int rknn_run(rknn_context context, rknn_run_extend *extend) {
     }
     sleep_ms(e->run_delay_ms);
     uint32_t T = e->n_tokens, D = e->embed_dim, H = e->height, W = e->width;
+    size_t hw = (size_t)W * H;
+    int is_float = e->given_type == RKNN_TENSOR_FLOAT32, nchw = e->given_fmt == RKNN_TENSOR_NCHW;
     for (uint32_t t = 0; t < T; t++) {
         uint32_t row0 = (uint32_t)((uint64_t)t * H / T);
         uint32_t row1 = (uint32_t)((uint64_t)(t + 1) * H / T);
@@ -327,12 +328,10 @@ SIM_API int rknn_run(rknn_context context, rknn_run_extend *extend) {
             row1 = row0 + 1;
         }
         double sum[3] = {0.0, 0.0, 0.0};
-        for (uint32_t y = row0; y < row1; y++) {
-            const double *row = e->pixels + (size_t)y * W * 3;
-            for (uint32_t x = 0; x < W; x++) {
-                sum[0] += row[x * 3];
-                sum[1] += row[x * 3 + 1];
-                sum[2] += row[x * 3 + 2];
+        for (uint32_t c = 0; c < 3; c++) {
+            for (size_t p = (size_t)row0 * W; p < (size_t)row1 * W; p++) {
+                size_t i = nchw ? c * hw + p : p * 3 + c;
+                sum[c] += is_float ? (double)((const float *)e->input)[i] : (double)((const uint8_t *)e->input)[i];
             }
         }
         double count = (double)(row1 - row0) * W;

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import logging
 import os
 import queue
@@ -249,7 +250,12 @@ def _generate_with_images(
     generate_multimodal = getattr(session, "generate_multimodal", None)
     if generate_multimodal is None:
         raise InvalidInput("this model has no vision encoder: it cannot take images")
-    pictures = [base64.b64decode(image) for image in images]
+    pictures: list[bytes] = []
+    for index, image in enumerate(images):
+        try:
+            pictures.append(base64.b64decode(image, validate=True))
+        except (binascii.Error, ValueError):
+            raise InvalidInput(f"image {index + 1} is not valid base64") from None
     stats: GenerationStats = generate_multimodal(prompt, pictures, options, emit, cancel)
     return stats
 

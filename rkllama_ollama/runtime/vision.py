@@ -10,6 +10,7 @@ and std inside (uint8 input, the vendor's way) get raw RGB bytes; float encoders
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -67,14 +68,17 @@ def family_from_names(*names: str) -> str:
     return DEFAULT_FAMILY
 
 
-def decode_rgb(data: bytes, index: int) -> Image.Image:
+def decode_rgb(data: bytes, index: int, draft: tuple[int, int] | None = None) -> Image.Image:
     """The picture fully decoded as RGB (transparency flattened onto white). InvalidInput names the image
-    (1-based) when it cannot be decoded: a truncated or corrupt file."""
+    (1-based) when it cannot be decoded: a truncated or corrupt file. With `draft`, a JPEG is decoded at
+    the smallest 1/2, 1/4 or 1/8 scale that still covers that size (libjpeg does it while decoding)."""
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
+            if draft is not None and image.format == "JPEG":
+                image.draft("RGB", draft)
             image.load()
     except (
         OSError,
@@ -90,6 +94,24 @@ def decode_rgb(data: bytes, index: int) -> Image.Image:
         flat.paste(rgba, mask=rgba.getchannel("A"))
         return flat
     return image.convert("RGB")
+
+
+def draft_size(recipe: ImageRecipe, size: tuple[int, int], width: int, height: int) -> tuple[int, int]:
+    """The smallest decode size of a `size` picture that loses nothing `prepare` would keep."""
+    if recipe.pad_to_square:
+        scale = max(width, height) / max(size)
+        return (max(1, math.ceil(size[0] * scale)), max(1, math.ceil(size[1] * scale)))
+    return (width, height)
+
+
+def picture_for_encoder(data: bytes, index: int, recipe: ImageRecipe, width: int, height: int) -> Image.Image:
+    """`data` decoded for an encoder of `width` x `height` (a big JPEG at a reduced scale)."""
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            size = probe.size
+    except Exception:  # noqa: BLE001 - decode_rgb below names the problem
+        return decode_rgb(data, index)
+    return decode_rgb(data, index, draft_size(recipe, size, width, height))
 
 
 def prepare(

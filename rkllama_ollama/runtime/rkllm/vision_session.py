@@ -46,7 +46,13 @@ from rkllama_ollama.runtime.rkllm.multimodal import (
 )
 from rkllama_ollama.runtime.rkllm.session import RkllmSession, _Run
 from rkllama_ollama.runtime.rknn.encoder import RknnEncoder
-from rkllama_ollama.runtime.vision import RECIPES, ImageRecipe, decode_rgb, family_from_names, prepare
+from rkllama_ollama.runtime.vision import (
+    RECIPES,
+    ImageRecipe,
+    family_from_names,
+    picture_for_encoder,
+    prepare,
+)
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +127,7 @@ class VisionRkllmSession(RkllmSession):
             return cached
         shape = self.encoder.shape
         started = time.perf_counter()
-        picture = decode_rgb(data, index)
+        picture = picture_for_encoder(data, index, self._recipe, shape.width, shape.height)
         pixels = prepare(
             picture,
             self._recipe,
