@@ -170,6 +170,9 @@ def test_open_webui_request_shapes(daemon: Daemon) -> None:
 def test_vision_capability_in_show_and_tags(daemon: Daemon) -> None:
     client = ollama.Client(host=daemon.url)
     assert "vision" in (client.show("vision").capabilities or [])
+    shown = httpx.post(f"{daemon.url}/api/show", json={"model": "vision"}).json()
+    assert shown["projector_info"]["general.file_name"] == "vision_encoder.rknn"
+    assert "projector_info" not in httpx.post(f"{daemon.url}/api/show", json={"model": "text"}).json()
     assert "vision" not in (client.show("text").capabilities or [])
     tags = httpx.get(f"{daemon.url}/api/tags").json()["models"]
     capabilities = {m["name"]: m.get("capabilities", []) for m in tags}

@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable
 from contextlib import aclosing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -181,6 +182,15 @@ def parse_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     return messages
 
 
+def projector_info(encoder: Path) -> dict[str, Any]:
+    """What is known of a vision encoder without loading it: its runtime, file and size."""
+    try:
+        size = encoder.stat().st_size
+    except OSError:
+        size = 0
+    return {"general.architecture": "rknn", "general.file_name": encoder.name, "general.file_size": size}
+
+
 def checked_images(images: list[str]) -> list[str]:
     """/api/generate's `images`, checked (400 naming the image that cannot be used)."""
     try:
@@ -338,6 +348,8 @@ class OllamaApi:
             "capabilities": list(entry.capabilities),
             "modified_at": wire.rfc3339_local(entry.modified_at),
         }
+        if entry.vision_encoder is not None:  # like Ollama's projector_info for a model with a projector
+            reply["projector_info"] = projector_info(entry.vision_encoder)
         return wire.json_response(reply)
 
     async def ps(self, request: web.Request) -> web.Response:
