@@ -263,3 +263,17 @@ def test_an_encoder_crash_costs_one_request(daemon: Daemon) -> None:
         "vision", messages=[{"role": "user", "content": "again", "images": [solid_png(RED)]}]
     )
     assert answer_images(answer.message.content)[0][2] == expected_hash(RED, TOKENS, WIDTH)
+
+
+def test_the_native_generate_takes_message_images(daemon: Daemon) -> None:
+    body = {
+        "model": "vision",
+        "stream": False,
+        "messages": [{"role": "user", "content": "?", "images": [b64(solid_png(RED)), b64(solid_png(BLUE))]}],
+    }
+    reply = httpx.post(f"{daemon.url}/generate", json=body, timeout=60)
+    assert reply.status_code == 200, reply.text
+    assert "images=2" in reply.text
+    text_model = {**body, "model": "text"}
+    refused = httpx.post(f"{daemon.url}/generate", json=text_model, timeout=60)
+    assert (refused.status_code, refused.json()["error"]) == (400, '"text" does not support images')
