@@ -233,3 +233,11 @@ def test_an_encoder_that_fails_to_load_names_the_file(open_vision: Callable[...,
 def test_an_unknown_family_is_refused(open_vision: Callable[..., VisionRkllmSession]) -> None:
     with pytest.raises(RuntimeFailure, match="unknown vision model family 'llava'"):
         open_vision(family="llava")
+
+
+def test_a_missing_rknn_runtime_says_how_to_point_at_it(
+    open_vision: Callable[..., VisionRkllmSession], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("RKLLAMA_RKNN_LIB", str(tmp_path / "nowhere.so"))
+    with pytest.raises(RuntimeFailure, match=r"RKLLAMA_RKNN_LIB=.*nowhere.so does not name a file"):
+        open_vision()
