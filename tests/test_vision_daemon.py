@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import ollama
 import openai
 import pytest
@@ -277,3 +278,13 @@ def test_the_native_generate_takes_message_images(daemon: Daemon) -> None:
     text_model = {**body, "model": "text"}
     refused = httpx.post(f"{daemon.url}/generate", json=text_model, timeout=60)
     assert (refused.status_code, refused.json()["error"]) == (400, '"text" does not support images')
+
+
+def test_bad_base64_past_the_header_is_a_400_from_the_runner(daemon: Daemon) -> None:
+    noisy = np.random.default_rng(1).integers(0, 256, size=(300, 300, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noisy).save(buffer, format="PNG")
+    text = b64(buffer.getvalue())
+    assert len(text) > 100_000  # the door reads only the beginning
+    status, error = _chat_error(daemon, "vision", [text[:-8] + "!!!!!!!!"])
+    assert (status, error) == (400, "image 1 is not valid base64")
