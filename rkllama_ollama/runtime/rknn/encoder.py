@@ -40,6 +40,7 @@ class EncoderShape:
     dtype: type  # numpy dtype of the input tensor: uint8 (normalisation inside the model) or float
     n_tokens: int  # embeddings per image
     embed_dim: int  # width of one embedding
+    tensor_type: int  # rknn_tensor_type of the input (the runtime's code for `dtype`)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -64,7 +65,9 @@ def _shape_of(input_attr: abi.TensorAttr, output_attr: abi.TensorAttr, path: str
     n_elems = int(output_attr.n_elems)
     if embed_dim <= 0 or n_elems % embed_dim:
         raise EncoderFailure(f"the vision encoder {path} has an output of shape {out_dims}")
-    return EncoderShape(width, height, channels_last, dtype, n_elems // embed_dim, embed_dim)
+    return EncoderShape(
+        width, height, channels_last, dtype, n_elems // embed_dim, embed_dim, int(input_attr.type)
+    )
 
 
 class RknnEncoder:
@@ -148,17 +151,12 @@ class RknnEncoder:
                 f"image array {pixels.shape} {pixels.dtype} does not match the encoder input "
                 f"{shape.input_shape} {np.dtype(shape.dtype).name}"
             )
-        tensor_type = {
-            np.uint8: abi.TENSOR_UINT8,
-            np.float32: abi.TENSOR_FLOAT32,
-            np.float16: abi.TENSOR_FLOAT16,
-        }
         tensor = abi.Input(
             index=0,
             buf=pixels.ctypes.data,
             size=pixels.nbytes,
             pass_through=0,
-            type=tensor_type[shape.dtype],
+            type=shape.tensor_type,
             fmt=abi.TENSOR_NHWC if shape.channels_last else abi.TENSOR_NCHW,
         )
         self._check(self._lib.rknn_inputs_set(self._context, 1, ctypes.byref(tensor)), "rknn_inputs_set")
