@@ -188,11 +188,12 @@ def cmd_create(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     client = client_for(settings)
     try:
-        client.show(args.model)
+        shown = client.show(args.model)
     except DaemonError as exc:
         if exc.status != 404:
             raise
         show_progress(client.pull(args.model), sys.stderr)
+        shown = client.show(args.model)
     session = Session(
         client=client,
         model=args.model,
@@ -200,6 +201,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         verbose=args.verbose,
         keep_alive=args.keepalive,
         color=is_terminal(sys.stdout),
+        vision="vision" in (shown.get("capabilities") or []),
     )
     if not args.prompt and is_terminal(sys.stdin):
         # Load the model before the first prompt, like `ollama run`.

@@ -6,6 +6,9 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import io
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +19,7 @@ import openai
 import pytest
 from PIL import Image
 
+from rkllama_ollama.cli_repl import extract_images
 from tests.rkllm_support.sim import SIM_VERSIONS, add_sim_model, build_simulators, write_byte_tokenizer
 from tests.rkllm_support.vision import (
     answer_images,
@@ -288,3 +292,31 @@ def test_bad_base64_past_the_header_is_a_400_from_the_runner(daemon: Daemon) -> 
     assert len(text) > 100_000  # the door reads only the beginning
     status, error = _chat_error(daemon, "vision", [text[:-8] + "!!!!!!!!"])
     assert (status, error) == (400, "image 1 is not valid base64")
+
+
+def test_the_cli_sends_picture_files_named_in_the_prompt(daemon: Daemon, tmp_path: Path) -> None:
+    red, blue = tmp_path / "red one.png", tmp_path / "blue.jpg"
+    red.write_bytes(solid_png(RED))
+    blue.write_bytes(solid_png(BLUE))
+    env = {k: v for k, v in os.environ.items() if k not in ("OLLAMA_HOST", "RKLLAMA_API_KEY")}
+    env["RKLLAMA_HOST"] = f"127.0.0.1:{daemon.port}"
+    prompt = f"compare '{red}' with {blue} please"
+    result = subprocess.run(
+        [sys.executable, "-m", "rkllama_ollama.cli", "run", "vision", prompt],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"Added image '{red}'" in result.stdout and f"Added image '{blue}'" in result.stdout
+    hashes = [h for _, _, h in answer_images(result.stdout)]
+    assert hashes == [expected_hash(RED, TOKENS, WIDTH), expected_hash(BLUE, TOKENS, WIDTH)]
+
+
+def test_extract_images_leaves_the_rest_of_the_prompt(tmp_path: Path) -> None:
+    picture = tmp_path / "a b.png"
+    picture.write_bytes(solid_png(RED, size=(4, 4)))
+    text, files = extract_images(f'what is in "{picture}" and /no/such.png?')
+    assert files == [picture] and text == "what is in and /no/such.png?"
