@@ -179,6 +179,13 @@ def cmd_create(args: argparse.Namespace, settings: Settings) -> int:
             client.upload_blob(hex_digest, weights)
             print(f"copying file sha256:{hex_digest} 100%")
         body["files"] = {weights.name: f"sha256:{hex_digest}"}
+        encoder = weights_path(path, modelfile.projector) if modelfile.projector else None
+        if encoder is not None:  # a vision model's image encoder (a second FROM / VISION_ENCODER=)
+            encoder_digest = sha256_file(encoder)
+            if not client.blob_exists(encoder_digest):
+                client.upload_blob(encoder_digest, encoder)
+                print(f"copying file sha256:{encoder_digest} 100%")
+            body["files"][encoder.name] = f"sha256:{encoder_digest}"
     elif not modelfile.from_:
         raise CommandError(f"{path}: no FROM line")
     show_progress(client.create(body), sys.stdout)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import hashlib
 import io
 import os
 import subprocess
@@ -320,3 +321,61 @@ def test_extract_images_leaves_the_rest_of_the_prompt(tmp_path: Path) -> None:
     picture.write_bytes(solid_png(RED, size=(4, 4)))
     text, files = extract_images(f'what is in "{picture}" and /no/such.png?')
     assert files == [picture] and text == "what is in and /no/such.png?"
+
+
+def _upload(daemon: Daemon, data: bytes) -> str:
+    digest = hashlib.sha256(data).hexdigest()
+    response = httpx.post(f"{daemon.url}/api/blobs/sha256:{digest}", content=data, timeout=60)
+    assert response.status_code in (200, 201), response.text
+    return f"sha256:{digest}"
+
+
+def test_create_takes_the_encoder_with_the_weights(daemon: Daemon, tmp_path: Path) -> None:
+    source = daemon.models_dir / "vision"
+    files = {
+        "lm.rkllm": _upload(daemon, (source / "sim.rkllm").read_bytes()),
+        "enc.rknn": _upload(daemon, (source / "vision_encoder.rknn").read_bytes()),
+    }
+    body = {"model": "made-vision", "files": files, "stream": False}
+    response = httpx.post(f"{daemon.url}/api/create", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    shown = httpx.post(f"{daemon.url}/api/show", json={"model": "made-vision"}).json()
+    assert "vision" in shown["capabilities"] and "FROM enc.rknn" in shown["modelfile"]
+    derived = {"model": "made-vision-terse", "from": "made-vision", "system": "Be terse.", "stream": False}
+    assert httpx.post(f"{daemon.url}/api/create", json=derived, timeout=60).status_code == 200
+    assert (
+        "vision"
+        in httpx.post(f"{daemon.url}/api/show", json={"model": "made-vision-terse"}).json()["capabilities"]
+    )
+    bad = {"model": "bad", "files": {"lm.gguf": files["lm.rkllm"], "enc.rknn": files["enc.rknn"]}}
+    refused = httpx.post(f"{daemon.url}/api/create", json=bad, timeout=60)
+    assert (refused.status_code, refused.json()["error"]) == (
+        400,
+        "a *.rknn vision encoder goes with *.rkllm weights",
+    )
+    # The CLI's create: an Ollama Modelfile whose second FROM names the encoder.
+    (tmp_path / "lm.rkllm").write_bytes((source / "sim.rkllm").read_bytes())
+    (tmp_path / "enc.rknn").write_bytes((source / "vision_encoder.rknn").read_bytes())
+    (tmp_path / "Modelfile").write_text("FROM ./lm.rkllm\nFROM ./enc.rknn\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("OLLAMA_HOST", "RKLLAMA_API_KEY")}
+    env["RKLLAMA_HOST"] = f"127.0.0.1:{daemon.port}"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rkllama_ollama.cli",
+            "create",
+            "cli-vision",
+            "-f",
+            str(tmp_path / "Modelfile"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (
+        "vision" in httpx.post(f"{daemon.url}/api/show", json={"model": "cli-vision"}).json()["capabilities"]
+    )

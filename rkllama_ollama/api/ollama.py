@@ -599,6 +599,7 @@ class OllamaApi:
                 plan.modelfile,
                 base=plan.base,
                 blob=plan.blob,
+                encoder=plan.encoder,
             )
         except BlobNotFound as exc:
             raise BadRequest(str(exc)) from None

@@ -660,6 +660,8 @@ class Store:
         *,
         weights_file: Path | None = None,
         weights_name: str | None = None,
+        encoder_file: Path | None = None,
+        encoder_name: str | None = None,
     ) -> ModelEntry:
         """Create (or replace) model `name`.
 
@@ -689,6 +691,18 @@ class Store:
                 self._stage_files_of(base_entry, staging)
                 file_name = base_entry.weights.name
             merged.from_ = file_name
+            if encoder_file is not None:  # a vision model's image encoder, uploaded with the weights
+                encoder = encoder_name or Path(encoder_file).name
+                if (
+                    Path(encoder).name != encoder
+                    or encoder.startswith(".")
+                    or not encoder.endswith(ENCODER_SUFFIX)
+                ):
+                    raise StoreError(f"vision encoder file name must be a plain *.rknn name: {encoder!r}")
+                for old in staging.glob(f"*{ENCODER_SUFFIX}"):  # the base model's encoder is replaced
+                    old.unlink()
+                _link_or_copy(Path(encoder_file), staging / encoder)
+                merged.projector = encoder
             (staging / MODELFILE_NAME).write_text(merged.to_seed_text(), encoding="utf-8")
             return self.commit(staging, target)
         except BaseException:
@@ -745,6 +759,7 @@ def merge_modelfiles(base: Modelfile | None, override: Modelfile) -> Modelfile:
         huggingface_path=(
             override.huggingface_path if override.huggingface_path is not None else base.huggingface_path
         ),
+        projector=override.projector if override.projector is not None else base.projector,
         adapters=list(override.adapters or base.adapters),
         messages=[dict(m) for m in (override.messages or base.messages)],
         parameters={**base.parameters, **override.parameters},
