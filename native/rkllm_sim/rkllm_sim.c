@@ -406,7 +406,6 @@ static void free_job(SimJob *job) {
     memset(job, 0, sizeof *job);
 }
 
-
 /* ---------------------------------------------------------------- multimodal input (vision) */
 /* Kept apart from the text paths: sim_mm_prepare turns one RKLLM_INPUT_MULTIMODAL input into a prompt
  * job whose reply proves which embeddings arrived, in which order, at which "<image>" tag. */
