@@ -188,6 +188,13 @@ def cmd_create(args: argparse.Namespace, settings: Settings) -> int:
             client.upload_blob(hex_digest, weights)
             print(f"copying file sha256:{hex_digest} 100%")
         body["files"] = {weights.name: f"sha256:{hex_digest}"}
+        encoder = weights_path(path, modelfile.projector) if modelfile.projector else None
+        if encoder is not None:  # a vision model's image encoder (a second FROM / VISION_ENCODER=)
+            encoder_digest = sha256_file(encoder)
+            if not client.blob_exists(encoder_digest):
+                client.upload_blob(encoder_digest, encoder)
+                print(f"copying file sha256:{encoder_digest} 100%")
+            body["files"][encoder.name] = f"sha256:{encoder_digest}"
     elif not modelfile.from_:
         raise CommandError(f"{path}: no FROM line")
     show_progress(client.create(body), sys.stdout)
@@ -197,11 +204,12 @@ def cmd_create(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     client = client_for(settings)
     try:
-        client.show(args.model)
+        shown = client.show(args.model)
     except DaemonError as exc:
         if exc.status != 404:
             raise
         show_progress(client.pull(args.model), sys.stderr)
+        shown = client.show(args.model)
     session = Session(
         client=client,
         model=args.model,
@@ -209,6 +217,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         verbose=args.verbose,
         keep_alive=args.keepalive,
         color=is_terminal(sys.stdout),
+        vision="vision" in (shown.get("capabilities") or []),
     )
     if not args.prompt and is_terminal(sys.stdin):
         # Load the model before the first prompt, like `ollama run`.

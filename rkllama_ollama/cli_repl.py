@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import logging
+import re
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
 
 from rkllama_ollama.cli_format import show_info
@@ -72,6 +75,27 @@ def parameter_value(key: str, values: list[str]) -> Any:
     raise ParameterError(f"unknown parameter {key!r}")
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
+_WORD = re.compile(r"""(?:"([^"]+)"|'([^']+)'|(\S+))""")
+
+
+def extract_images(prompt: str) -> tuple[str, list[Path]]:
+    """Like `ollama run`: picture files named in the prompt (quoted or not) are taken out of it and sent
+    as images. Returns the remaining prompt and the files, in order."""
+    found: list[Path] = []
+    kept: list[str] = []
+    position = 0
+    for match in _WORD.finditer(prompt):
+        word = match.group(1) or match.group(2) or match.group(3)
+        path = Path(word).expanduser()
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+            kept.append(prompt[position : match.start()])
+            position = match.end()
+            found.append(path)
+    kept.append(prompt[position:])
+    return " ".join(" ".join(kept).split()), found
+
+
 @dataclass
 class Session:
     """What one `run` keeps between turns."""
@@ -86,12 +110,25 @@ class Session:
     verbose: bool = False
     keep_alive: str | None = None
     color: bool = False
+    vision: bool = False  # the model takes images: picture paths in a prompt are sent as images
 
-    def request_body(self, prompt: str) -> dict[str, Any]:
+    def user_message(self, prompt: str) -> dict[str, Any]:
+        if not self.vision:
+            return {"role": "user", "content": prompt}
+        text, files = extract_images(prompt)
+        if not files:
+            return {"role": "user", "content": prompt}
+        for path in files:
+            self._write_dim(f"Added image '{path}'\n")
+        images = [base64.b64encode(path.read_bytes()).decode("ascii") for path in files]
+        return {"role": "user", "content": text, "images": images}
+
+    def request_body(self, prompt: str | dict[str, Any]) -> dict[str, Any]:
         messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+        user = prompt if isinstance(prompt, dict) else {"role": "user", "content": prompt}
         body: dict[str, Any] = {
             "model": self.model,
-            "messages": [*messages, {"role": "user", "content": prompt}],
+            "messages": [*messages, user],
             "stream": True,
         }
         if self.options:
@@ -104,12 +141,13 @@ class Session:
 
     def ask(self, prompt: str) -> None:
         """Stream one answer to the terminal and keep the turn in the history."""
-        events = self.client.chat(self.request_body(prompt))
+        user = self.user_message(prompt)
+        events = self.client.chat(self.request_body(user))
         try:
             answer, final = self._print_stream(events)
         finally:
             events.close()  # type: ignore[attr-defined]
-        self.messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+        self.messages += [user, {"role": "assistant", "content": answer}]
         if self.verbose and final:
             self.out.write(stats_text(final))
             self.out.flush()

@@ -19,14 +19,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from rkllama_ollama.chat.images import images_in_order, tagged_messages, with_image_tags
 from rkllama_ollama.chat.parse import OutputPipeline, ToolCall
 from rkllama_ollama.chat.template import ChatTemplate, TemplateError, template_from_runtime_pieces
 from rkllama_ollama.models.store import ModelEntry
 from rkllama_ollama.models.tokenizer_fetch import TokenizerFetcher
 from rkllama_ollama.options import layer_options, sampling_from
 from rkllama_ollama.runtime.base import (
+    IMAGE_TAG,
     ContextOverflow,
     GenerationStats,
+    InvalidInput,
     LoadSpec,
     RuntimeFailure,
     TokenLogprob,
@@ -82,6 +85,7 @@ class GenerationRequest:
     top_logprobs: int = -1  # -1: no log-probabilities; n >= 0: with each token's n likeliest alternatives
     truncate: bool = True  # chat: drop the oldest messages when the conversation outgrows the context
     shift: bool = True  # a reply that fills the context shifts it and goes on (llama.cpp)
+    images: list[str] | None = None  # generate: base64 pictures (checked); chat images ride on messages
 
 
 # `logprobs`, when the request asked for them: the entries of the tokens generated since the previous
@@ -306,6 +310,7 @@ class Generator:
             kv_cache_ram_mb=self.kv_cache.ram_mb,
             # Several sequences in one llama.cpp context (runtime/batched.py); embeddings stay serial.
             parallel=self.num_parallel if entry.format != "rkllm" and not embedding else 1,
+            vision=entry.vision_settings(),
         )
 
     async def embed(
@@ -429,7 +434,7 @@ class Generator:
             tools = None
         guide = None if self._constrains(request.entry) else request.format  # asked in the prompt instead
         if request.messages is not None:
-            messages = self._chat_messages(request)
+            messages = tagged_messages(self._chat_messages(request))
             if guide is not None:
                 messages = guided_messages(messages, guide)
 
@@ -443,13 +448,16 @@ class Generator:
             else:
                 prompt = render(messages)
         elif request.raw:
-            prompt = request.prompt or ""
+            prompt = with_image_tags(request.prompt or "", len(request.images or ()))
         else:
             system = request.system if request.system is not None else request.entry.modelfile.system
             if guide is not None:
                 system = guided_system(system, guide)
             prompt = template.render_generate(
-                request.prompt or "", system, suffix=request.suffix, think=think
+                with_image_tags(request.prompt or "", len(request.images or ())),
+                system,
+                suffix=request.suffix,
+                think=think,
             )
         if request.context:  # like Ollama: the earlier exchange goes before the new rendered prompt
             prompt = await loaded.runner.detokenize(request.context) + prompt
@@ -517,7 +525,8 @@ class Generator:
             stats: GenerationStats | None = None
             stopped = False
             last_piece_ns = 0
-            generation = loaded.runner.generate(prompt, sampling)
+            images = prompt_images(request, prompt)
+            generation = loaded.runner.generate(prompt, sampling, images)
             try:
                 async for item in generation:
                     if isinstance(item, Piece):
@@ -553,6 +562,21 @@ class Generator:
             self.scheduler.touch(loaded, request.keep_alive_s)
             reason = "stop" if stopped or stats.done_reason in ("stop", "abort") else stats.done_reason
             yield Done(reason, stats, load_ns + stats.reload_ns, time.perf_counter_ns() - started)
+
+
+def prompt_images(request: GenerationRequest, prompt: str) -> list[str] | None:
+    """The request's images that the rendered prompt still holds, in order. When the conversation was
+    truncated, the oldest messages went with their images: the prompt's tags belong to the last ones."""
+    if request.messages is not None:
+        images = images_in_order(request.messages)
+    else:
+        images = list(request.images or ())
+    if not images:
+        return None
+    tags = prompt.count(IMAGE_TAG)
+    if tags > len(images):
+        raise InvalidInput(f"the prompt has {tags} {IMAGE_TAG} tags but the request has {len(images)} images")
+    return images[len(images) - tags :] if tags else None
 
 
 async def fit_messages(

@@ -81,6 +81,7 @@ async def create_model(
     *,
     base: str | None = None,
     blob: tuple[str, str | None] | None = None,
+    encoder: tuple[str, str] | None = None,
 ) -> CreatedModel:
     """Create (or replace) model `name` from an uploaded blob and/or a base model.
 
@@ -103,6 +104,12 @@ async def create_model(
         if weights_name.lower().endswith(".gguf"):
             statuses.append("parsing GGUF")
         statuses.append(f"using existing layer sha256:{hex_digest}")
+    encoder_path: Path | None = None
+    if encoder is not None:  # (sha256 hex, .rknn file name): a vision model's image encoder
+        if not blobs.exists(encoder[0]):
+            raise BlobNotFound(encoder[0])
+        encoder_path = blobs.path_of(encoder[0])
+        statuses.append(f"using existing layer sha256:{encoder[0]}")
     if base is not None:
         try:
             base_entry = await asyncio.to_thread(store.resolve, base)
@@ -118,6 +125,8 @@ async def create_model(
         base_entry,
         weights_file=blob_path,
         weights_name=weights_name,
+        encoder_file=encoder_path,
+        encoder_name=encoder[1] if encoder is not None else None,
     )
     statuses += ["writing manifest", "success"]
     return CreatedModel(entry, statuses, weights_name)

@@ -39,6 +39,11 @@
  * Without reply_ids every byte of `reply` is one generated token (id = byte value) and no
  * end-of-turn token is held.
  *
+ * Multimodal input (RKLLM_INPUT_MULTIMODAL) is answered with text derived from what it received:
+ * "images=N tokens=T[ size=WxH] [1@O1:C1] [2@O2:C2] ... " followed by `reply`, where Oi is the byte
+ * offset of the i-th "<image>" tag in the prompt and Ci the FNV-1a 32 hash (8 hex digits) of the
+ * float32 bytes of the i-th image's T x embd_size embeddings (see sim_mm_prepare).
+ *
  * Behaviour the bindings depend on: rkllm_run blocks while a worker pthread delivers callbacks;
  * WAITING until a UTF-8 character is complete; FINISH (with perf on E/F) or ERROR; abort at the
  * next step; keep_history keeps a KV cache whose token contents are tracked; the context limit is
@@ -116,6 +121,7 @@ typedef struct {
     void *userdata;
     int save_prompt_cache; /* RKLLMInferParam.prompt_cache_params */
     char *prompt_cache_path;
+    char *mm_reply; /* multimodal input: the reply derived from the image embeddings (sim_mm_prepare) */
 } SimJob;
 
 typedef struct {
@@ -573,7 +579,7 @@ static void run_generate(SimHandle *h, SimJob *job, size_t n_input) {
     int stopped_by_callback = 0;
     int ended_naturally = 1;
     RKLLMResult result;
-    size_t n_reply = reply_token_count(&h->model);
+    size_t n_reply = job->mm_reply ? strlen(job->mm_reply) : reply_token_count(&h->model);
     for (size_t i = 0; i < n_reply; i++) {
         if (atomic_load(&h->abort_requested)) {
             free(pending);
@@ -593,7 +599,13 @@ static void run_generate(SimHandle *h, SimJob *job, size_t n_input) {
         int32_t id;
         const unsigned char *piece;
         size_t len;
-        reply_token(&h->model, i, &id, &piece, &len);
+        if (job->mm_reply) { /* multimodal answer: one token per byte of the derived text */
+            id = (unsigned char)job->mm_reply[i];
+            piece = (const unsigned char *)job->mm_reply + i;
+            len = 1;
+        } else {
+            reply_token(&h->model, i, &id, &piece, &len);
+        }
         kv_append(h, id);
         generated++;
         pending = realloc(pending, n_pending + len + 1);
@@ -689,7 +701,96 @@ static void free_job(SimJob *job) {
     free(job->bytes);
     free(job->tokens);
     free(job->prompt_cache_path);
+    free(job->mm_reply);
     memset(job, 0, sizeof *job);
+}
+
+/* ---------------------------------------------------------------- multimodal input (vision) */
+/* Kept apart from the text paths: sim_mm_prepare turns one RKLLM_INPUT_MULTIMODAL input into a prompt
+ * job whose reply proves which embeddings arrived, in which order, at which "<image>" tag. */
+
+#define SIM_MM_TAG "<image>"
+
+static uint32_t sim_mm_fnv1a(const void *data, size_t n) {
+    const unsigned char *p = data;
+    uint32_t hash = 2166136261u;
+    for (size_t i = 0; i < n; i++) {
+        hash = (hash ^ p[i]) * 16777619u;
+    }
+    return hash;
+}
+
+static int sim_mm_fail(const char *message) {
+    fprintf(stderr, "E rkllm: %s\n", message);
+    return -1;
+}
+
+static int sim_mm_prepare(const SimHandle *h, SimJob *job, const RKLLMMultiModalInput *mm) {
+#if RKLLM_SIM_AT_LEAST(F)
+    const float *embed = mm->image.image_embed;
+    size_t n_tokens = mm->image.n_image_tokens;
+    size_t n_image = mm->image.n_image;
+    const char *start = mm->image.image_start, *end = mm->image.image_end, *content = mm->image.image_content;
+    size_t width = mm->image.image_width, height = mm->image.image_height;
+    int has_count = 1, has_size = 1;
+#else
+    const float *embed = mm->image_embed;
+    size_t n_tokens = mm->n_image_tokens;
+    const char *start = h->param.img_start, *end = h->param.img_end, *content = h->param.img_content;
+#if RKLLM_SIM_AT_LEAST(E)
+    size_t n_image = mm->n_image;
+    size_t width = mm->image_width, height = mm->image_height;
+    int has_count = 1, has_size = 1;
+#else
+    size_t n_image = 0, width = 0, height = 0;
+    int has_count = 0, has_size = 0;
+#endif
+#endif
+    if (!mm->prompt) {
+        return sim_mm_fail("multimodal input without a prompt");
+    }
+    if (!start || !end || !content || !*content) {
+        return sim_mm_fail("image start/end/content markers are not set");
+    }
+    size_t tags = 0;
+    for (const char *p = strstr(mm->prompt, SIM_MM_TAG); p; p = strstr(p + 1, SIM_MM_TAG)) {
+        tags++;
+    }
+    if (!has_count) {
+        n_image = tags;
+    }
+    if (n_image != tags) {
+        fprintf(stderr, "E rkllm: n_image is %zu but the prompt has %zu <image> tags\n", n_image, tags);
+        return -1;
+    }
+    if (tags == 0 || !embed || n_tokens == 0) {
+        return sim_mm_fail("multimodal input without image embeddings");
+    }
+    if (has_size && (width == 0 || height == 0)) {
+        return sim_mm_fail("image_width/image_height are not set");
+    }
+    size_t embd = (size_t)h->model.embd_size;
+    size_t cap = 128 + tags * 32 + h->model.reply_len;
+    char *reply = malloc(cap);
+    int len = snprintf(reply, cap, "images=%zu tokens=%zu", n_image, n_tokens);
+    if (has_size) {
+        len += snprintf(reply + len, cap - (size_t)len, " size=%zux%zu", width, height);
+    }
+    size_t index = 0;
+    for (const char *p = strstr(mm->prompt, SIM_MM_TAG); p; p = strstr(p + 1, SIM_MM_TAG), index++) {
+        const float *block = embed + index * n_tokens * embd;
+        uint32_t hash = sim_mm_fnv1a(block, sizeof(float) * n_tokens * embd);
+        len += snprintf(reply + len, cap - (size_t)len, " [%zu@%zu:%08x]", index + 1, (size_t)(p - mm->prompt), hash);
+    }
+    snprintf(reply + len, cap - (size_t)len, ". %s", h->model.reply);
+    job->mm_reply = reply;
+    /* Prefill: the prompt with every tag expanded to start + n_tokens x content + end. */
+    size_t prompt_len = strlen(mm->prompt);
+    job->n_bytes = prompt_len - tags * strlen(SIM_MM_TAG) + tags * n_tokens;
+    job->bytes = calloc(job->n_bytes + prompt_len + 1, 1);
+    memcpy(job->bytes, mm->prompt, prompt_len);
+    job->input_type = RKLLM_INPUT_PROMPT;
+    return 0;
 }
 
 /* Copy what the caller passed: the worker must not depend on caller memory (needed for run_async). */
@@ -722,6 +823,10 @@ static int prepare_job(SimHandle *h, RKLLMInput *input, RKLLMInferParam *infer, 
         job->tokens = calloc(job->n_tokens ? job->n_tokens : 1, sizeof(int32_t));
         break;
     case RKLLM_INPUT_MULTIMODAL:
+        if (sim_mm_prepare(h, job, &input->multimodal_input) != 0) {
+            return -1;
+        }
+        break;
     default:
         fprintf(stderr, "E rkllm: input type %d is not supported by the simulator\n", (int)input->input_type);
         return -1;

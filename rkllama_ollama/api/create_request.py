@@ -17,7 +17,7 @@ from rkllama_ollama.api.ollama_fields import VALID_ROLES, digest_of, model_field
 from rkllama_ollama.api.wire import BadRequest, field_of
 from rkllama_ollama.models.modelfile import Modelfile, ModelfileError, parse_modelfile
 from rkllama_ollama.models.names import ModelName, parse_name
-from rkllama_ollama.models.store import WEIGHT_SUFFIXES
+from rkllama_ollama.models.store import ENCODER_SUFFIX, WEIGHT_SUFFIXES
 from rkllama_ollama.options import KNOWN_OPTIONS, OptionError, validate_options
 
 
@@ -29,10 +29,13 @@ class CreatePlan:
     modelfile: Modelfile  # fields that override the base model's (FROM left empty)
     base: str | None = None  # an existing model to derive from
     blob: tuple[str, str | None] | None = None  # (sha256 hex, weights file name or None = detect)
+    encoder: tuple[str, str] | None = None  # (sha256 hex, *.rknn name): a vision model's image encoder
 
 
-def _create_blob_from_files(files: dict[str, Any]) -> tuple[str, str | None]:
+def _create_blob_from_files(files: dict[str, Any]) -> tuple[tuple[str, str | None], tuple[str, str] | None]:
+    """(the weights blob, the vision encoder blob or None) named in `files`."""
     weights: list[tuple[str, str]] = []
+    encoders: list[tuple[str, str]] = []
     for file_name, digest in files.items():
         path = PurePosixPath(file_name.replace("\\", "/"))
         if not file_name or path.is_absolute() or ".." in path.parts:
@@ -40,14 +43,22 @@ def _create_blob_from_files(files: dict[str, Any]) -> tuple[str, str | None]:
         if not isinstance(digest, str):
             raise BadRequest("invalid digest format")
         hex_digest = digest_of(digest)
+        if path.name.lower().endswith(ENCODER_SUFFIX):
+            encoders.append((hex_digest, path.name))
+            continue
         if not path.name.lower().endswith(WEIGHT_SUFFIXES):
             raise BadRequest(
-                f"unsupported file {file_name!r}: only *.gguf and *.rkllm weights can be imported"
+                f"unsupported file {file_name!r}: only *.gguf and *.rkllm weights (and a *.rknn vision "
+                "encoder) can be imported"
             )
         weights.append((hex_digest, path.name))
     if len(weights) != 1:
         raise BadRequest("exactly one weights file (*.gguf or *.rkllm) must be given in 'files'")
-    return weights[0]
+    if len(encoders) > 1:
+        raise BadRequest("at most one vision encoder (*.rknn) may be given in 'files'")
+    if encoders and not weights[0][1].lower().endswith(".rkllm"):
+        raise BadRequest("a *.rknn vision encoder goes with *.rkllm weights")
+    return weights[0], encoders[0] if encoders else None
 
 
 def _create_parameters(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -119,8 +130,9 @@ def parse_create(body: dict[str, Any]) -> CreatePlan:
     base = field_of(body, "from", str, "a string") or None
     files = field_of(body, "files", dict, "an object mapping file names to digests")
     plan = CreatePlan(name=name, modelfile=modelfile, base=base)
+    modelfile.projector = None  # a FROM line's file name: the encoder comes from 'files' or the base
     if files:
-        plan.blob = _create_blob_from_files(files)
+        plan.blob, plan.encoder = _create_blob_from_files(files)
     elif base is None and legacy_from:
         digest = legacy_from.lstrip("@")
         if digest.startswith("sha256"):

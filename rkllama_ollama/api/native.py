@@ -19,7 +19,7 @@ from aiohttp import web
 
 from rkllama_ollama.api import wire
 from rkllama_ollama.api.context import AppContext
-from rkllama_ollama.api.ollama import parse_messages
+from rkllama_ollama.api.ollama import checked_messages, parse_messages
 from rkllama_ollama.api.pulling import pull_request_fields, respond_pull
 from rkllama_ollama.api.wire import BadRequest, field_of
 from rkllama_ollama.generation import (
@@ -167,6 +167,10 @@ class NativeApi:
             self.ctx.generator.check_capabilities(entry, native_name(entry), kind="chat", think=None)
         except CapabilityError as exc:
             raise BadRequest(str(exc)) from None
+        if any(m.get("images") for m in messages):  # the Ollama message shape, images included
+            if "vision" not in entry.capabilities:
+                raise BadRequest(f'"{native_name(entry)}" does not support images')
+            messages = checked_messages(messages)
         gen = GenerationRequest(entry=entry, messages=messages, interactive=stream is not False)
         async with aclosing(self.ctx.generator.run(gen)) as events:
             first = await first_event(events)

@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable
 from contextlib import aclosing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -22,6 +23,7 @@ from rkllama_ollama.api.create_request import parse_create
 from rkllama_ollama.api.ollama_fields import VALID_ROLES, digest_of, model_field
 from rkllama_ollama.api.pulling import pull_request_fields, respond_pull
 from rkllama_ollama.api.wire import BadRequest, field_of
+from rkllama_ollama.chat.images import ImageError, checked_image, checked_message_images
 from rkllama_ollama.durations import parse_keep_alive
 from rkllama_ollama.generation import (
     Answer,
@@ -181,6 +183,31 @@ def parse_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
             cleaned["images"] = images
         messages.append(cleaned)
     return messages
+
+
+def projector_info(encoder: Path) -> dict[str, Any]:
+    """What is known of a vision encoder without loading it: its runtime, file and size."""
+    try:
+        size = encoder.stat().st_size
+    except OSError:
+        size = 0
+    return {"general.architecture": "rknn", "general.file_name": encoder.name, "general.file_size": size}
+
+
+def checked_images(images: list[str]) -> list[str]:
+    """/api/generate's `images`, checked (400 naming the image that cannot be used)."""
+    try:
+        return [checked_image(image, f"images[{index}]") for index, image in enumerate(images)]
+    except ImageError as exc:
+        raise BadRequest(str(exc)) from None
+
+
+def checked_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Chat messages with their images checked (400 naming the image that cannot be used)."""
+    try:
+        return checked_message_images(messages)
+    except ImageError as exc:
+        raise BadRequest(str(exc)) from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -343,6 +370,8 @@ class OllamaApi:
         }
         if tensors is not None:
             reply["tensors"] = tensors
+        if entry.vision_encoder is not None:  # like Ollama's projector_info for a model with a projector
+            reply["projector_info"] = projector_info(entry.vision_encoder)
         return wire.json_response(reply)
 
     async def ps(self, request: web.Request) -> web.Response:
@@ -399,11 +428,20 @@ class OllamaApi:
             raise BadRequest(f"{entry.name.full} does not support insert")
         if images:
             self._check_images(entry, label)
+            if not all(isinstance(image, str) for image in images):
+                raise BadRequest('"images" must be an array of base64 strings')
+            images = checked_images(images)
         if not prompt and not context:
             await self.ctx.generator.load(entry, options, keep_alive)
             return wire.json_response(self._final_generate(label, "load"))
         gen = common.request(
-            entry, prompt=prompt, system=system, suffix=suffix, raw=raw, context=context or None
+            entry,
+            prompt=prompt,
+            system=system,
+            suffix=suffix,
+            raw=raw,
+            context=context or None,
+            images=images or None,
         )
 
         def chunk(event: Event) -> dict[str, Any]:
@@ -447,6 +485,7 @@ class OllamaApi:
         self._check(entry, label, "chat", think)
         if any(m.get("images") for m in messages):
             self._check_images(entry, label)
+            messages = checked_messages(messages)
         if not messages:
             await self.ctx.generator.load(entry, options, keep_alive)
             return wire.json_response(self._final_chat(label, "load"))
@@ -581,6 +620,7 @@ class OllamaApi:
                 plan.modelfile,
                 base=plan.base,
                 blob=plan.blob,
+                encoder=plan.encoder,
             )
         except BlobNotFound as exc:
             raise BadRequest(str(exc)) from None

@@ -35,6 +35,7 @@ from rkllama_ollama.api.openai_request import (
     tools_of,
 )
 from rkllama_ollama.api.wire import BadRequest, field_of
+from rkllama_ollama.chat.images import ImageError, checked_message_images
 from rkllama_ollama.generation import (
     Answer,
     CapabilityError,
@@ -180,8 +181,13 @@ class OpenAiApi:
         tools = tools_of(body)
         top_logprobs = chat_logprobs_of(body)
         entry = await self._entry(label, "chat", think)
-        if any(m.get("images") for m in messages) and "vision" not in entry.capabilities:
-            raise BadRequest(f'"{label}" does not support images')
+        if any(m.get("images") for m in messages):
+            if "vision" not in entry.capabilities:
+                raise BadRequest(f'"{label}" does not support images')
+            try:
+                messages = checked_message_images(messages)
+            except ImageError as exc:
+                raise BadRequest(str(exc)) from None
         gen = GenerationRequest(
             entry=entry,
             messages=messages,

@@ -20,6 +20,7 @@ EMBEDDING = "embedding"
 TOOLS = "tools"
 THINKING = "thinking"
 INSERT = "insert"
+VISION = "vision"  # a .rkllm model with its image encoder (models/store.py decides)
 
 EMBEDDING_ARCHITECTURES = frozenset(
     {

@@ -3,6 +3,7 @@
 The data lives in ``modelfiles/`` at the project root, which a wheel installs as
 ``<prefix>/share/rkllama-ollama/modelfiles`` (``RKLLAMA_CATALOGUE`` overrides the folder):
 ``index.json`` maps ``{"models": {short name: {soc: {repo, file, toolkit, max_context, modelfile, ...}}}}``
+(vision models add ``encoder``: the ``.rknn`` image encoder in the same repository, pulled with the model)
 and each entry's Modelfile (seed format) carries ``FROM``, ``HUGGINGFACE_PATH``, ``NUM_CTX`` and the
 recommended sampling defaults. Only conversions whose file name was seen in a Hub listing are listed
 (never a file name guessed from a naming pattern).
@@ -46,6 +47,7 @@ class CatalogueEntry:
     toolkit: str
     max_context: int
     modelfile: Modelfile  # FROM, HUGGINGFACE_PATH, NUM_CTX, sampling defaults
+    encoder: str = ""  # a vision model's .rknn image encoder in the same repository (base name)
 
 
 INSTALLED_SUBDIR = Path("share") / "rkllama-ollama" / "modelfiles"  # setup.cfg's data_files
@@ -120,6 +122,7 @@ class Catalogue:
                         toolkit=str(item.get("toolkit", "")),
                         max_context=int(item.get("max_context") or 0),
                         modelfile=modelfile,
+                        encoder=str(item.get("encoder") or ""),
                     )
                 except (OSError, KeyError, ValueError, ModelfileError) as exc:
                     log.warning("catalogue entry skipped name=%s soc=%s error=%s", short_name, soc, exc)

@@ -113,6 +113,8 @@ class Modelfile:
     template: str | None = None
     license: str | None = None
     huggingface_path: str | None = None
+    # A vision model's image encoder / projector file: the seed's VISION_ENCODER= or Ollama's second FROM.
+    projector: str | None = None
     adapters: list[str] = field(default_factory=list)
     messages: list[dict[str, str]] = field(default_factory=list)  # [{"role": ..., "content": ...}]
     parameters: dict[str, Any] = field(default_factory=dict)  # Ollama option names, typed per option
@@ -169,6 +171,8 @@ class Modelfile:
         lines: list[str] = []
         if self.from_:
             lines.append(f"FROM={_seed_quote(self.from_)}")
+        if self.projector is not None:
+            lines.append(f"VISION_ENCODER={_seed_quote(self.projector)}")
         if self.huggingface_path is not None:
             lines.append(f"HUGGINGFACE_PATH={_seed_quote(self.huggingface_path)}")
         for key, value in (("SYSTEM", self.system), ("TEMPLATE", self.template), ("LICENSE", self.license)):
@@ -194,6 +198,8 @@ class Modelfile:
         lines: list[str] = []
         if self.from_:
             lines.append(f"FROM {_ollama_value(self.from_)}")
+            if self.projector is not None:
+                lines.append(f"FROM {_ollama_value(self.projector)}")
         for key, value in (("TEMPLATE", self.template), ("SYSTEM", self.system)):
             if value is not None:
                 lines.append(f"{key} {_ollama_value(value)}")
@@ -449,7 +455,10 @@ def _apply_ollama(result: Modelfile, command: str, cursor: _Cursor, line_no: int
 
 def _set_field(result: Modelfile, key: str, value: str) -> None:
     if key == "FROM":
-        result.from_ = value
+        if result.from_ and result.projector is None:
+            result.projector = value  # Ollama: a second FROM names the projector (vision encoder)
+        else:
+            result.from_ = value
     elif key == "SYSTEM":
         result.system = value
     elif key == "TEMPLATE":
@@ -475,6 +484,8 @@ def _apply_seed(result: Modelfile, key: str, value: str, line_no: int) -> None:
         _set_field(result, upper, value)
     elif upper == "HUGGINGFACE_PATH":
         result.huggingface_path = value
+    elif upper == "VISION_ENCODER":
+        result.projector = value
     elif upper == "MESSAGE":
         role, sep, content = value.partition(":")
         if not sep or role.strip().lower() not in MESSAGE_ROLES:

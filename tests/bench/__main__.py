@@ -16,6 +16,8 @@ shared and noisy. Results are printed and written to tests/bench/results/latest.
 5. Several users and several models: four parallel streams vs the same four in a row
    (RKLLAMA_NUM_PARALLEL), and a chat model next to an embedding model (RKLLAMA_MAX_LOADED_MODELS); see
    tests/bench/multi.py. `--only multi` runs just these.
+6. Vision on the simulators: the daemon's cost per image (door check, decode + preparation, encoder
+   call) for 448x448 pictures (see tests/bench/vision.py).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from rkllama_ollama.runtime.cpus import plan_threads
 from tests.bench import conversations as conversations_bench
 from tests.bench import multi as multi_bench
 from tests.bench import rkllm as rkllm_bench
+from tests.bench import vision as vision_bench
 from tests.support.daemon import Daemon
 from tests.support.tiny_gguf import write_tiny_gguf
 
@@ -196,6 +199,7 @@ def main() -> None:
             store, "tiny", store / "tiny" / "tiny.gguf", args.rounds, args.tokens
         )
         results["rkllm_sim"] = rkllm_bench.run(Path(tmp) / "rkllm", args.rounds)
+        results["vision_sim"] = vision_bench.run(Path(tmp) / "vision", args.rounds)
         results["conversations"] = conversations_bench.run(
             Path(tmp), smol is not None, min(args.rounds, len(conversations_bench.TOPICS))
         )

@@ -740,4 +740,8 @@ class RkllmRuntime:
     def load(self, spec: LoadSpec) -> RkllmSession:
         if not Path(spec.model_path).is_file():
             raise RuntimeFailure(f"model file not found: {spec.model_path}")
+        if spec.vision.get("encoder"):
+            from rkllama_ollama.runtime.rkllm.vision_session import VisionRkllmSession
+
+            return VisionRkllmSession(self.library(), spec)
         return RkllmSession(self.library(), spec)
