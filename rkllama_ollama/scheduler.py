@@ -85,6 +85,11 @@ class Scheduler:
     def queue_depth(self) -> int:
         return len(self._waiters)
 
+    @property
+    def busy(self) -> bool:
+        """A turn is held: a generation, a load, or background work is using the session."""
+        return self._busy
+
     @asynccontextmanager
     async def turn(self, *, interactive: bool) -> AsyncIterator[None]:
         await self._acquire(interactive)
