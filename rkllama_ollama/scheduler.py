@@ -138,7 +138,7 @@ class Scheduler:
         except BaseException:
             if ticket.future.done() and not ticket.future.cancelled():
                 self._release()  # granted just as we were cancelled: pass the turn on
-            else:
+            elif ticket in self._waiters:  # a release may already have dropped it (see _release)
                 self._waiters.remove(ticket)
             raise
         self._cancel_expiry()
@@ -149,9 +149,11 @@ class Scheduler:
         return min(ahead or self._waiters, key=lambda t: t.seq)
 
     def _release(self) -> None:
-        if self._waiters:
+        while self._waiters:
             ticket = self._pick()
             self._waiters.remove(ticket)
+            if ticket.future.done():  # cancelled, its task not yet run: the turn goes to the next one
+                continue
             ticket.future.set_result(None)
             return
         self._busy = False

@@ -162,3 +162,26 @@ async def test_an_unload_preempts_background_work_holding_the_session() -> None:
         await scheduler.unload(SimpleNamespace(name=SimpleNamespace(key="m")))  # type: ignore[arg-type]
         assert preempted == ["unload"]  # told at once; the unload itself happens when the turn ends
     scheduler._loaded = None
+
+
+async def test_waiters_cancelled_as_the_turn_passes_do_not_lose_the_session() -> None:
+    """Clients that all disconnect at once (a router closing its connections): the holder and every
+    waiter are cancelled in the same loop iteration; the session must still be free afterwards."""
+    scheduler = make()
+    order: list[str] = []
+    gate = asyncio.Event()
+    holder = asyncio.create_task(hold(scheduler, "holder", order, interactive=True, release=gate))
+    await settle()
+    waiters = [
+        asyncio.create_task(hold(scheduler, f"w{i}", order, interactive=True, release=gate)) for i in range(2)
+    ]
+    await settle()
+    assert scheduler.queue_depth == 2
+    for task in (holder, *waiters):
+        task.cancel()
+    results = await asyncio.gather(holder, *waiters, return_exceptions=True)
+    assert all(isinstance(result, asyncio.CancelledError) for result in results), results
+    assert (scheduler.busy, scheduler.queue_depth) == (False, 0)
+    async with asyncio.timeout(5):
+        async with scheduler.turn(interactive=True):
+            pass
