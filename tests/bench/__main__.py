@@ -11,6 +11,8 @@ shared and noisy. Results are printed and written to tests/bench/results/latest.
 2. Idle RSS of the server process, and the time from process start to the first answer on `/`.
 3. RKLLM on the simulator: daemon CPU per token, TTFT added, prefill with and without prefix reuse
    (see tests/bench/rkllm.py).
+4. Scale-out: requests per second of three simulated boards behind HAProxy against one board behind
+   the same router, 12 concurrent clients (see tests/bench/scale_out.py).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from rkllama_ollama.chat.template import ChatTemplate
 from rkllama_ollama.runtime.base import LoadSpec, SamplingOptions
 from rkllama_ollama.runtime.cpus import plan_threads
 from tests.bench import rkllm as rkllm_bench
+from tests.bench import scale_out as scale_out_bench
 from tests.support.daemon import Daemon
 from tests.support.tiny_gguf import write_tiny_gguf
 
@@ -166,6 +169,7 @@ def main() -> None:
             store, "tiny", store / "tiny" / "tiny.gguf", args.rounds, args.tokens
         )
         results["rkllm_sim"] = rkllm_bench.run(Path(tmp) / "rkllm", args.rounds)
+        results["scale_out"] = scale_out_bench.run(Path(tmp) / "scale", min(args.rounds, 3))
         smol = embedded_gguf()
         if smol is not None:
             results["decode_smollm2"] = bench_decode(store, "smollm2:135m", smol, args.rounds, args.tokens)
