@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import subprocess
 import threading
 import time
 import urllib.request
@@ -26,7 +27,15 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.rkllm_support.sim import add_sim_model, build_simulators
-from tests.support.cluster import BOARD_PORT, Haproxy, Namespaces, Unavailable, haproxy_binary, kill_board
+from tests.support.cluster import (
+    BOARD_PORT,
+    Haproxy,
+    Namespaces,
+    Unavailable,
+    haproxy_binary,
+    haproxy_config,
+    kill_board,
+)
 from tests.support.daemon import Daemon
 
 BOARDS = {"a": 10, "b": 15, "c": 20}  # board -> ms per token: three boards of different speeds
@@ -288,3 +297,21 @@ def test_a_board_killed_mid_stream_breaks_the_stream_and_the_next_requests_go_el
     finally:
         board.start()
     cluster.router.wait_state(f"boards/{victim}", "UP")
+
+
+def test_the_documented_configuration_is_valid_and_is_the_tested_one() -> None:
+    try:
+        binary = haproxy_binary()
+    except Unavailable as exc:
+        pytest.skip(str(exc))
+    doc = (Path(__file__).parents[1] / "docs" / "scale-out.md").read_text()
+    block = doc.split("```haproxy\n", 1)[1].split("```", 1)[0]
+    checked = subprocess.run(
+        [binary, "-c", "-f", "/dev/stdin"], input=block, capture_output=True, text=True, check=False
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    documented = {line.split("#", 1)[0].rstrip() for line in block.splitlines()}
+    tested = haproxy_config(1, 2, [("a", "127.0.0.1:3")])
+    for line in tested.splitlines():
+        if line.startswith("    http-request") or line.strip().startswith(("retry-on", "option", "stick")):
+            assert line in documented, line
