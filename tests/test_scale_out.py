@@ -284,7 +284,7 @@ def test_a_board_killed_mid_stream_breaks_the_stream_and_the_next_requests_go_el
     board = cluster.boards[victim]
     kill_board(board)  # no last word possible: the client must see an error, not a clean end
     finished = False
-    with pytest.raises(httpx.HTTPError):
+    with pytest.raises(httpx.RemoteProtocolError):  # the body ended without its last chunk
         for chunk in stream:
             finished = finished or chunk.done
     assert not finished
@@ -297,6 +297,8 @@ def test_a_board_killed_mid_stream_breaks_the_stream_and_the_next_requests_go_el
     finally:
         board.start()
     cluster.router.wait_state(f"boards/{victim}", "UP")
+    # The conversation stays where it moved to: that board now holds its cache.
+    assert cluster.board_of(chat_text(client, "and now?")) == cluster.board_of(texts[0])
 
 
 def test_the_documented_configuration_is_valid_and_is_the_tested_one() -> None:
