@@ -14,7 +14,6 @@ import socket
 import subprocess
 import threading
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +23,6 @@ from typing import Any
 import httpx
 import ollama
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.rkllm_support.sim import add_sim_model, build_simulators
 from tests.support.cluster import (
@@ -35,6 +33,7 @@ from tests.support.cluster import (
     haproxy_binary,
     haproxy_config,
     kill_board,
+    requests_503,
 )
 from tests.support.daemon import Daemon
 
@@ -112,17 +111,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 def chat_text(client: ollama.Client, content: str, num_predict: int = 4, model: str = MODEL) -> str:
     reply = client.chat(model, [{"role": "user", "content": content}], options={"num_predict": num_predict})
     return reply.message.content or ""
-
-
-def requests_503(board: Daemon) -> float:
-    with urllib.request.urlopen(board.url + "/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "rkllama_requests_total" and sample.labels.get("status") == "503"
-    )
 
 
 def ready_state(board: Daemon) -> dict[str, Any]:

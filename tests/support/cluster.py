@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from tests.support.daemon import Daemon, free_port
 
 NS_PREFIX = "rkls"  # rkls<pid>x: namespaces of the test process <pid>
@@ -141,6 +143,18 @@ def remove_stale_namespaces() -> None:
 # ------------------------------------------------------------------------------------------------
 # Boards
 # ------------------------------------------------------------------------------------------------
+
+
+def requests_503(board: Daemon) -> float:
+    """How many requests the board has answered with 503 (from its /metrics)."""
+    with urllib.request.urlopen(board.url + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "rkllama_requests_total" and sample.labels.get("status") == "503"
+    )
 
 
 def kill_board(board: Daemon) -> None:
