@@ -151,7 +151,7 @@ def test_load_spreads_by_least_connections(cluster: Cluster) -> None:
     def one(index: int) -> None:
         try:
             start.wait()
-            text = chat_text(cluster.client(), f"spread {index}", num_predict=60)
+            text = chat_text(cluster.client(), f"spread {index}", num_predict=120)  # 1.2-2.4 s each
             served.append(cluster.board_of(text))
         except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
             errors.append(exc)
