@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # llama.cpp built portable and without the multimodal library: ~3.5 min on 2 cores, cached by pip afterwards.
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF
 
-.PHONY: serve install install-test test lint bench native clean
+.PHONY: serve install install-test test test-tools lint bench native clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,10 +37,20 @@ lint: install-test
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: install-test native lint
+# HAProxy for the scale-out test and benchmark (tests/test_scale_out.py). Installed from Debian only when
+# missing, as root, with apt available; otherwise nothing happens and that test says why it skips.
+test-tools:
+	@command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || \
+	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && export DEBIAN_FRONTEND=noninteractive && \
+	  { timeout 300 apt-get install -y -qq haproxy >/dev/null 2>&1 || \
+	    { timeout 300 apt-get update -qq >/dev/null 2>&1 && \
+	      timeout 300 apt-get install -y -qq haproxy >/dev/null 2>&1; }; }; } || \
+	echo "haproxy is not installed here: the scale-out test will be skipped"
+
+test: install-test native lint test-tools
 	$(BIN)/pytest
 
-bench: install-test native
+bench: install-test native test-tools
 	$(BIN)/python -m tests.bench
 
 clean:

@@ -133,6 +133,16 @@ class Scheduler:
     def queue_depth(self) -> int:
         return sum(len(lane.waiters) for lane in self._lanes.values())
 
+    @property
+    def busy(self) -> bool:
+        """A turn is held on some model: a generation, a load, or background work."""
+        return self.running > 0
+
+    @property
+    def running(self) -> int:
+        """Turns held now, over every model (a runner serving several sequences counts each)."""
+        return sum(lane.holders for lane in self._lanes.values())
+
     @asynccontextmanager
     async def turn(self, key: str, *, interactive: bool, spec: LoadSpec | None = None) -> AsyncIterator[None]:
         """A turn on model `key`. Turns that name the same `spec` may run together when its runner
@@ -188,7 +198,7 @@ class Scheduler:
         except BaseException:
             if ticket.future.done() and not ticket.future.cancelled():
                 self._release(lane)  # granted just as we were cancelled: pass the turn on
-            else:
+            elif ticket in lane.waiters:  # a dispatch may already have dropped it (see _dispatch)
                 lane.waiters.remove(ticket)
                 self._dispatch(lane)  # it may have been the one that held the others back
             raise
@@ -226,6 +236,9 @@ class Scheduler:
         """Grant the lane's waiters while they may go (in turn order: one that may not blocks the rest)."""
         while lane.waiters and not self._closed:
             ticket = self._pick(lane)
+            if ticket.future.done():  # cancelled, its task not yet run: the turn goes to the next one
+                lane.waiters.remove(ticket)
+                continue
             if not self._grantable(lane, ticket.spec, ticket.seq):
                 break
             lane.waiters.remove(ticket)

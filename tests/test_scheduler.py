@@ -205,3 +205,26 @@ async def test_turns_asking_for_the_same_load_share_a_runner_up_to_its_parallel_
     await asyncio.gather(*tasks)
     assert order == ["a", "b", "c", "d", "e"]
     lane.loaded = None
+
+
+async def test_waiters_cancelled_as_the_turn_passes_do_not_lose_the_session() -> None:
+    """Clients that all disconnect at once (a router closing its connections): the holder and every
+    waiter are cancelled in the same loop iteration; the session must still be free afterwards."""
+    scheduler = make()
+    order: list[str] = []
+    gate = asyncio.Event()
+    holder = asyncio.create_task(hold(scheduler, "holder", order, interactive=True, release=gate))
+    await settle()
+    waiters = [
+        asyncio.create_task(hold(scheduler, f"w{i}", order, interactive=True, release=gate)) for i in range(2)
+    ]
+    await settle()
+    assert scheduler.queue_depth == 2
+    for task in (holder, *waiters):
+        task.cancel()
+    results = await asyncio.gather(holder, *waiters, return_exceptions=True)
+    assert all(isinstance(result, asyncio.CancelledError) for result in results), results
+    assert (scheduler.busy, scheduler.queue_depth) == (False, 0)
+    async with asyncio.timeout(5):
+        async with scheduler.turn("m", interactive=True):
+            pass

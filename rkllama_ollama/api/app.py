@@ -21,6 +21,7 @@ from rkllama_ollama.api.native import NativeApi
 from rkllama_ollama.api.ollama import OllamaApi
 from rkllama_ollama.api.openai import OpenAiApi
 from rkllama_ollama.api.openai_responses import OpenAiResponsesApi
+from rkllama_ollama.api.readiness import Readiness
 from rkllama_ollama.api.security import install_security, security_middlewares
 from rkllama_ollama.api.shutdown import InFlightRequests
 from rkllama_ollama.config import Settings
@@ -103,11 +104,13 @@ def build_context(settings: Settings) -> AppContext:
 
 def create_app(settings: Settings, ctx: AppContext | None = None) -> web.Application:
     ctx = ctx or build_context(settings)
-    metrics = Metrics(ctx.scheduler)
+    readiness = Readiness(ctx.scheduler)
+    metrics = Metrics(ctx.scheduler, in_flight=lambda: readiness.in_flight)
     ctx.generator.observer = MetricsObserver(metrics)
     in_flight = InFlightRequests()
     middlewares = [
         observe_middleware(metrics),  # outermost: sees the final status of every request
+        readiness.middleware,  # counts the requests in flight
         error_middleware,
         *security_middlewares(settings),
         in_flight.middleware,  # innermost: a shutdown ends the handler with a last word
@@ -118,6 +121,7 @@ def create_app(settings: Settings, ctx: AppContext | None = None) -> web.Applica
     app.add_routes(metrics.routes())
     app.on_response_prepare.append(add_request_id_header)
     install_security(app)
+    readiness.install(app)
     in_flight.install(app)
     app.add_routes(OllamaApi(ctx).routes())
     app.add_routes(OpenAiApi(ctx).routes())

@@ -6,7 +6,8 @@
   never logged.
 - `MetricsObserver` is the Generator's observer: it feeds the token counters and latency histograms,
   and fills the current request's record (found through a context variable set by the middleware).
-- Queue depth and the loaded model are read from the scheduler at scrape time.
+- Queue depth, the queue limit, whether the session is in use, the loaded model and the requests in
+  flight (api/readiness counts them) are read at scrape time.
 """
 
 from __future__ import annotations
@@ -94,17 +95,37 @@ def current_record() -> RequestRecord | None:
 
 
 class _SchedulerCollector(Collector):
-    """Gauges read from the scheduler when Prometheus scrapes."""
+    """Gauges read from the scheduler (and the in-flight count) when Prometheus scrapes."""
 
-    def __init__(self, scheduler: Scheduler) -> None:
+    def __init__(self, scheduler: Scheduler, in_flight: Callable[[], int] | None) -> None:
         self._scheduler = scheduler
+        self._in_flight = in_flight
 
     def describe(self) -> list[Metric]:
-        return [self._queue_depth(0), self._loaded([])]
+        return list(self._gauges(0, 0, 0, 0)) + [self._loaded([])]
 
     def collect(self) -> Iterator[Metric]:
-        yield self._queue_depth(self._scheduler.queue_depth)
-        yield self._loaded([(m.entry.name.display, m.spec.engine) for m in self._scheduler.loaded_models])
+        scheduler = self._scheduler
+        in_flight = self._in_flight() if self._in_flight is not None else 0
+        yield from self._gauges(scheduler.queue_depth, scheduler.max_queue, int(scheduler.busy), in_flight)
+        yield self._loaded([(m.entry.name.display, m.spec.engine) for m in scheduler.loaded_models])
+
+    def _gauges(self, queue: int, max_queue: int, busy: int, in_flight: int) -> Iterator[Metric]:
+        yield self._queue_depth(queue)
+        yield GaugeMetricFamily(
+            "rkllama_queue_limit",
+            "Requests allowed to wait; more get 503 (RKLLAMA_MAX_QUEUE).",
+            value=max_queue,
+        )
+        yield GaugeMetricFamily(
+            "rkllama_session_busy", "1 while a request (or a load) holds the model session.", value=busy
+        )
+        if self._in_flight is not None:
+            yield GaugeMetricFamily(
+                "rkllama_in_flight_requests",
+                "HTTP requests being served now (health probes and scrapes excluded).",
+                value=in_flight,
+            )
 
     @staticmethod
     def _queue_depth(value: int) -> GaugeMetricFamily:
@@ -127,7 +148,7 @@ class _SchedulerCollector(Collector):
 class Metrics:
     """One registry per application, so several apps (tests) never share counters."""
 
-    def __init__(self, scheduler: Scheduler) -> None:
+    def __init__(self, scheduler: Scheduler, in_flight: Callable[[], int] | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -176,7 +197,7 @@ class Metrics:
             buckets=LOAD_BUCKETS,
             registry=r,
         )
-        r.register(_SchedulerCollector(scheduler))
+        r.register(_SchedulerCollector(scheduler, in_flight))
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
 

@@ -121,8 +121,11 @@ class JsonStream:
         self._prefix = prefix
         self._suffix = suffix
         self._trailer = trailer
+        # X-Accel-Buffering: a reverse proxy in front (nginx and the like) must pass each piece on
+        # as it comes instead of buffering the response.
         self.response = web.StreamResponse(
-            status=200, headers={"Content-Type": content_type, **(headers or {})}
+            status=200,
+            headers={"Content-Type": content_type, "X-Accel-Buffering": "no", **(headers or {})},
         )
 
     async def _start(self) -> None:
@@ -178,7 +181,7 @@ def sse_stream(request: web.Request) -> JsonStream:
         prefix=b"data: ",
         suffix=b"\n\n",
         trailer=b"data: [DONE]\n\n",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        headers={"Cache-Control": "no-cache"},
     )
 
 

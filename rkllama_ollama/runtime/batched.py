@@ -75,7 +75,7 @@ class BatchedLlamaCppSession(LlamaCppSession):
     def __init__(self, spec: LoadSpec) -> None:
         super().__init__(spec)
         llama_cpp = self._llama_cpp
-        llm = self._llm
+        llm = self._require_open()
         self._parallel = max(1, spec.parallel)
         params = llama_cpp.llama_context_default_params()
         for name, _ in params._fields_:  # the single-sequence context's settings (threads, batch sizes)
@@ -293,7 +293,7 @@ class BatchedLlamaCppSession(LlamaCppSession):
         """Like the serial session's log-probabilities, from the logits at batch position `index`."""
         import numpy as np  # a dependency of llama-cpp-python
 
-        n_vocab = int(self._llm.n_vocab())
+        n_vocab = int(self._require_open().n_vocab())
         pointer = self._llama_cpp.llama_get_logits_ith(self._ctx.ctx, index)
         logits = np.ctypeslib.as_array(pointer, shape=(n_vocab,)).astype(np.float64)
         peak = logits.max()

@@ -18,6 +18,8 @@ shared and noisy. Results are printed and written to tests/bench/results/latest.
    tests/bench/multi.py. `--only multi` runs just these.
 6. Vision on the simulators: the daemon's cost per image (door check, decode + preparation, encoder
    call) for 448x448 pictures (see tests/bench/vision.py).
+7. Scale-out: requests per second of three simulated boards behind HAProxy against one board behind
+   the same router, 12 concurrent clients (see tests/bench/scale_out.py).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from rkllama_ollama.runtime.cpus import plan_threads
 from tests.bench import conversations as conversations_bench
 from tests.bench import multi as multi_bench
 from tests.bench import rkllm as rkllm_bench
+from tests.bench import scale_out as scale_out_bench
 from tests.bench import vision as vision_bench
 from tests.support.daemon import Daemon
 from tests.support.tiny_gguf import write_tiny_gguf
@@ -203,6 +206,7 @@ def main() -> None:
         results["conversations"] = conversations_bench.run(
             Path(tmp), smol is not None, min(args.rounds, len(conversations_bench.TOPICS))
         )
+        results["scale_out"] = scale_out_bench.run(Path(tmp) / "scale", min(args.rounds, 3))
         if smol is not None:
             results["decode_smollm2"] = bench_decode(store, "smollm2:135m", smol, args.rounds, args.tokens)
             if len(os.sched_getaffinity(0)) >= 2:

@@ -81,21 +81,24 @@ class Daemon:
     port: int = 0
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    host: str = "127.0.0.1"  # the address it binds and is reached at
+    wrapper: tuple[str, ...] = ()  # a command the daemon runs under (`ip netns exec <ns>`)
+    name: str = ""  # for its log file
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def start(self, timeout: float = 30.0) -> Daemon:
         self.port = self.port or free_port()
         env = {**os.environ, "RKLLAMA_EMBEDDED_MODEL": "0", **self.env}
         env.pop("OLLAMA_HOST", None)
-        env["RKLLAMA_HOST"] = f"127.0.0.1:{self.port}"
+        env["RKLLAMA_HOST"] = f"{self.host}:{self.port}"
         env["RKLLAMA_MODELS"] = str(self.models_dir)
-        self.log_path = self.models_dir.parent / f"daemon-{self.port}.log"
+        self.log_path = self.models_dir.parent / f"daemon-{self.name or self.port}.log"
         log = open(self.log_path, "wb")  # noqa: SIM115 - kept open for the child's lifetime
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "rkllama_ollama.cli", "serve"],
+            [*self.wrapper, sys.executable, "-m", "rkllama_ollama.cli", "serve"],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -136,7 +139,7 @@ class Daemon:
         self, path: str, body: dict[str, Any], until: bytes = b'"done":false'
     ) -> tuple[socket.socket, bytes]:
         """Send a streaming request by hand and read until `until` (by default the first NDJSON chunk)."""
-        sock = socket.create_connection(("127.0.0.1", self.port), timeout=60)
+        sock = socket.create_connection((self.host, self.port), timeout=60)
         payload = json.dumps(body).encode()
         sock.sendall(
             f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n".encode()

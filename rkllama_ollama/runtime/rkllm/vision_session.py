@@ -216,6 +216,6 @@ class VisionRkllmSession(RkllmSession):
             raise run.emit_error
         if run.failed or (rc != 0 and not run.aborted and not run.limit_reached):
             raise RuntimeFailure(self._run_error_message(rc, len(text_tokens) + image_tokens, context))
-        fed = text_tokens + [-1] * image_tokens
+        fed = len(text_tokens) + image_tokens  # a multimodal run feeds the whole prompt
         stats = self._stats(text_tokens, fed, run, started, ended, context)
-        return replace(stats, prompt_tokens=len(fed), context=[])
+        return replace(stats, prompt_tokens=fed, context=[])
