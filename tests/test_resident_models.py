@@ -140,3 +140,13 @@ def test_the_least_recently_used_model_makes_room(store: Path, library: str) -> 
         client.generate("tiny", prompt="hello", options=OPTIONS)
         assert ps_names(client) == ["npu:latest", "tiny:latest"]
         assert ("emb:latest", "making room for tiny:latest") in UNLOADED.findall(daemon.log())
+
+
+def test_the_seed_unload_model_unloads_every_resident_model(daemon: Daemon) -> None:
+    client = ollama.Client(host=daemon.url)
+    client.embed("emb", input=["x"])
+    client.generate("npu", prompt="a")
+    reply = daemon.request("POST", "/unload_model")
+    assert reply.status == 200 and reply.json()["model_name"] == "npu"
+    assert ps_names(client) == []
+    assert daemon.request("GET", "/current_model").status == 404

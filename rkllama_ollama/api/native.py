@@ -113,11 +113,13 @@ class NativeApi:
         )
 
     async def unload_model(self, request: web.Request) -> web.Response:
-        loaded = self.ctx.scheduler.loaded
-        if loaded is None:
+        # The seed knows one loaded model; with several resident, "the model" is all of them.
+        models = self.ctx.scheduler.loaded_models
+        if not models:
             return wire.json_response({"status": "not loaded", "message": "No model is loaded"})
-        name = native_name(loaded.entry)
-        await self.ctx.scheduler.unload(loaded.entry)
+        name = native_name(models[0].entry)
+        for loaded in models:
+            await self.ctx.scheduler.unload(loaded.entry)
         return wire.json_response(
             {"status": "unloaded", "model_name": name, "message": f"Model {name} unloaded"}
         )
