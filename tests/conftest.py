@@ -12,15 +12,23 @@ TINY = "tiny"
 
 
 def make_gguf_model(
-    store: Path, folder: str, *, context_length: int = 4096, system: str | None = None
+    store: Path,
+    folder: str,
+    *,
+    context_length: int = 4096,
+    system: str | None = None,
+    max_new_tokens: int | None = None,
 ) -> Path:
-    """A store folder in the seed layout: Modelfile + tiny random GGUF."""
+    """A store folder in the seed layout: Modelfile + tiny random GGUF. A random model rarely ends on
+    its own, so a test that does not bound each request can bound the model (`max_new_tokens`)."""
     model_dir = store / folder
     model_dir.mkdir(parents=True, exist_ok=True)
     write_tiny_gguf(model_dir / "tiny.gguf", context_length=context_length)
     lines = ['FROM="tiny.gguf"', "TEMPERATURE=0.7"]
     if system:
         lines.append(f'SYSTEM="{system}"')
+    if max_new_tokens is not None:
+        lines.append(f"MAX_NEW_TOKENS={max_new_tokens}")
     (model_dir / "Modelfile").write_text("\n".join(lines) + "\n")
     return model_dir
 

@@ -36,9 +36,9 @@ def stream_objects(payload: bytes) -> list[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     store = tmp_path_factory.mktemp("native") / "models"
-    make_gguf_model(store, "Qwen2.5-1.5B-Instruct")
-    make_gguf_model(store, "second")
-    make_gguf_model(store, "to-remove")
+    # The seed's /generate has no options: the Modelfile bounds the replies of the random model.
+    for name in ("Qwen2.5-1.5B-Instruct", "second", "to-remove"):
+        make_gguf_model(store, name, max_new_tokens=48)
     with Daemon(Path(store)).start() as server:
         yield server
 
