@@ -118,8 +118,10 @@ def unload_everything(daemon: Daemon) -> None:
     assert daemon.request("GET", "/api/ps").json() == {"models": []}
 
 
-def ps_context_length(daemon: Daemon) -> int:
-    (model,) = daemon.request("GET", "/api/ps").json()["models"]
+def ps_context_length(daemon: Daemon, name: str) -> int:
+    """The context length of the loaded model `name` (other models may be resident beside it)."""
+    models = daemon.request("GET", "/api/ps").json()["models"]
+    (model,) = [model for model in models if model["name"].partition(":")[0] == name]
     return int(model["context_length"])
 
 
@@ -499,13 +501,13 @@ def test_item_35_unknown_options_and_num_ctx_precedence(live: Daemon, daemon: Da
     reply = post(live, "/api/generate", {"model": "sys", "prompt": "hi", "stream": False, "options": options})
     assert reply.status == 200, reply.body
     assert post(live, "/api/generate", {"model": "sys"}).status == 200
-    assert ps_context_length(live) == 2048
+    assert ps_context_length(live, "sys") == 2048
     assert post(live, "/api/generate", {"model": "ctx"}).status == 200
-    assert ps_context_length(live) == 3072
+    assert ps_context_length(live, "ctx") == 3072
     assert post(live, "/api/generate", {"model": "ctx", "options": {"num_ctx": 1024}}).status == 200
-    assert ps_context_length(live) == 1024
+    assert ps_context_length(live, "ctx") == 1024
     assert post(daemon, "/api/generate", {"model": "tiny"}).status == 200
-    assert ps_context_length(daemon) == 4096
+    assert ps_context_length(daemon, "tiny") == 4096
 
 
 # -- chat output --------------------------------------------------------------------------------------------

@@ -342,7 +342,7 @@ static int save_prompt_cache_file(const SimHandle *h, const char *path) {
         fprintf(stderr, "E rkllm: cannot write the prompt cache %s: %s\n", path, strerror(errno));
         return -1;
     }
-    fprintf(f, "%s %s %d\n", SIM_PROMPT_CACHE_MAGIC, RKLLM_SIM_VERSION, h->kv_pos);
+    fprintf(f, "%s %s %d\n", SIM_PROMPT_CACHE_MAGIC, SIM_RUNTIME_VERSION, h->kv_pos);
     size_t written = fwrite(h->kv_tokens, sizeof(int32_t), (size_t)h->kv_pos, f);
     int failed = fclose(f) != 0 || written != (size_t)h->kv_pos;
     return failed ? -1 : 0;
@@ -362,7 +362,7 @@ static int load_prompt_cache_file(SimHandle *h, const char *path) {
         fclose(f);
         return -1;
     }
-    if (strcmp(version, RKLLM_SIM_VERSION) != 0) {
+    if (strcmp(version, SIM_RUNTIME_VERSION) != 0) {
         fprintf(stderr, "E rkllm: the prompt cache %s was saved by runtime %s\n", path, version);
         fclose(f);
         return -1;
