@@ -91,7 +91,6 @@ class _Lane:
     holder_seq: int = 0  # the first holder's arrival
     waiters: list[_Ticket] = field(default_factory=list)
     expiry: asyncio.TimerHandle | None = None
-    preempt: Callable[[], None] | None = None  # set while background work holds the lane
 
     def live(self) -> LoadedModel | None:
         loaded = self.loaded
@@ -154,33 +153,6 @@ class Scheduler:
         finally:
             self._release(lane)
 
-    @asynccontextmanager
-    async def idle_turn(self, key: str, preempt: Callable[[], None]) -> AsyncIterator[bool]:
-        """A turn for background work on model `key`: granted only when nobody wants it (yields whether
-        it was), and `preempt` is called the moment a request arrives, so that the work stops at once."""
-        lane = self._lanes.get(key)
-        if (
-            self._closed
-            or lane is None
-            or lane.holders
-            or lane.waiters
-            or self._held_for_room(lane, next(self._seq))
-        ):
-            yield False
-            return
-        self._grant(lane, None, next(self._seq))
-        lane.preempt = preempt
-        try:
-            yield True
-        finally:
-            lane.preempt = None
-            self._release(lane)
-
-    def _preempt_background(self, lane: _Lane) -> None:
-        if lane.preempt is not None:
-            preempt, lane.preempt = lane.preempt, None
-            preempt()
-
     async def _acquire(self, lane: _Lane, interactive: bool, spec: LoadSpec | None) -> None:
         if self._closed:
             raise QueueFull("server is shutting down")
@@ -192,7 +164,6 @@ class Scheduler:
             raise QueueFull("server busy, please try again.  maximum pending requests exceeded")
         ticket = _Ticket(seq, interactive, time.monotonic(), spec, asyncio.get_running_loop().create_future())
         lane.waiters.append(ticket)
-        self._preempt_background(lane)
         try:
             await ticket.future
         except BaseException:
@@ -357,8 +328,6 @@ class Scheduler:
                     entry.name.display,
                     ", ".join(sorted(plan.wait_for)),
                 )
-                for key in plan.wait_for:
-                    self._preempt_background(self._lanes[key])
                 await waiter.future
         finally:
             self._room_waiters.remove(waiter)
@@ -452,7 +421,6 @@ class Scheduler:
         loaded.keep_alive_s = 0
         loaded.expires_at = time.time()
         if lane.holders:
-            self._preempt_background(lane)  # background work must not hold an unload back
             return
         async with self.turn(lane.key, interactive=True):
             if lane.loaded is loaded:

@@ -122,51 +122,6 @@ async def test_close_refuses_waiters() -> None:
     await first
 
 
-async def test_an_idle_turn_is_granted_only_when_nobody_wants_the_session_and_yields_to_arrivals() -> None:
-    scheduler = make()
-    preempted: list[str] = []
-    gate = asyncio.Event()
-    order: list[str] = []
-    busy = asyncio.create_task(hold(scheduler, "busy", order, interactive=False, release=gate))
-    await settle()
-    async with scheduler.idle_turn("m", lambda: preempted.append("early")) as granted:
-        assert not granted  # someone holds the session
-    gate.set()
-    await busy
-    work_may_end = asyncio.Event()
-
-    async def background() -> None:
-        async with scheduler.idle_turn(
-            "m", lambda: (preempted.append("by chat"), work_may_end.set())
-        ) as granted:
-            assert granted
-            order.append("background")
-            await work_may_end.wait()  # stands for work that stops when preempted
-
-    worker = asyncio.create_task(background())
-    await settle()
-    chat = asyncio.create_task(hold(scheduler, "chat", order, interactive=True, release=gate))
-    await asyncio.gather(worker, chat)
-    assert preempted == ["by chat"]  # told once, at the chat's arrival, never while not granted
-    assert order == ["busy", "background", "chat"]
-    assert scheduler.queue_depth == 0
-
-
-async def test_an_unload_preempts_background_work_holding_the_session() -> None:
-    from types import SimpleNamespace
-
-    scheduler = make()
-    runner = SimpleNamespace(alive=False)  # the release that follows sees a runner already gone
-    lane = scheduler._lane("m")
-    lane.loaded = SimpleNamespace(key="m", keep_alive_s=300.0, expires_at=0.0, runner=runner)  # type: ignore[assignment]
-    preempted: list[str] = []
-    async with scheduler.idle_turn("m", lambda: preempted.append("unload")) as granted:
-        assert granted
-        await scheduler.unload(SimpleNamespace(name=SimpleNamespace(key="m")))  # type: ignore[arg-type]
-        assert preempted == ["unload"]  # told at once; the unload itself happens when the turn ends
-    lane.loaded = None
-
-
 async def test_turns_asking_for_the_same_load_share_a_runner_up_to_its_parallel_slots() -> None:
     from types import SimpleNamespace
 
