@@ -291,21 +291,7 @@ class BatchedLlamaCppSession(LlamaCppSession):
 
     def _logprob_at(self, index: int, token: int, top: int) -> TokenLogprob:
         """Like the serial session's log-probabilities, from the logits at batch position `index`."""
-        import numpy as np  # a dependency of llama-cpp-python
-
-        n_vocab = int(self._require_open().n_vocab())
-        pointer = self._llama_cpp.llama_get_logits_ith(self._ctx.ctx, index)
-        logits = np.ctypeslib.as_array(pointer, shape=(n_vocab,)).astype(np.float64)
-        peak = logits.max()
-        log_total = peak + np.log(np.exp(logits - peak).sum())
-        alternatives: tuple[TokenLogprob, ...] = ()
-        if top > 0:
-            best = np.argpartition(-logits, min(top, n_vocab) - 1)[:top]
-            best = best[np.argsort(-logits[best], kind="stable")]
-            alternatives = tuple(
-                TokenLogprob(self._token_bytes(int(i)), float(logits[i] - log_total)) for i in best
-            )
-        return TokenLogprob(self._token_bytes(token), float(logits[token] - log_total), alternatives)
+        return self._logprob_at_position(self._ctx.ctx, index, token, top)
 
     def _finish(self, sequence: _Sequence, reason: str) -> None:
         tail = sequence.decoder.flush()

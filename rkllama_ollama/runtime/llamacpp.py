@@ -369,12 +369,16 @@ class LlamaCppSession:
         return stats
 
     def _logprob_entry(self, llm: Any, token: int, top: int) -> TokenLogprob:
-        """The token's log-probability under the model (log-softmax of the raw logits, before sampling
-        settings), with the `top` likeliest tokens at that position."""
+        """The token's log-probability at the last decoded position."""
+        return self._logprob_at_position(llm.ctx, -1, token, top)
+
+    def _logprob_at_position(self, ctx: Any, index: int, token: int, top: int) -> TokenLogprob:
+        """The token's log-probability under the model (log-softmax of the raw logits at batch position
+        `index` of context `ctx`, before sampling settings), with the `top` likeliest tokens there."""
         import numpy as np  # a dependency of llama-cpp-python; only runners that compute logprobs use it
 
-        n_vocab = int(llm.n_vocab())
-        pointer = self._llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        n_vocab = int(self._require_open().n_vocab())
+        pointer = self._llama_cpp.llama_get_logits_ith(ctx, index)
         logits = np.ctypeslib.as_array(pointer, shape=(n_vocab,)).astype(np.float64)
         peak = logits.max()
         log_total = peak + np.log(np.exp(logits - peak).sum())
