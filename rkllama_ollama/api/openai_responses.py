@@ -225,7 +225,7 @@ class SseEventStream(wire.JsonStream):
     """The Responses API's SSE framing: `event: <type>` before each `data:` line, no [DONE] trailer."""
 
     def __init__(self, request: web.Request) -> None:
-        super().__init__(request, wire.SSE, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        super().__init__(request, wire.SSE, headers={"Cache-Control": "no-cache"})
 
     async def send(self, obj: Any) -> None:
         await self._start()

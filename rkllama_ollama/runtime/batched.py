@@ -32,7 +32,6 @@ from typing import Any
 
 from rkllama_ollama.runtime.base import (
     Cancel,
-    ContextOverflow,
     EmitPiece,
     GenerationStats,
     LoadSpec,
@@ -119,14 +118,7 @@ class BatchedLlamaCppSession(LlamaCppSession):
         self, prompt: str, options: SamplingOptions, emit: EmitPiece, cancel: Cancel | None = None
     ) -> GenerationStats:
         self._require_open()
-        tokens = self.tokenize(prompt)
-        if not tokens:
-            raise RuntimeFailure("the prompt is empty")
-        if len(tokens) > self._n_ctx:
-            raise ContextOverflow(
-                f"the prompt is {len(tokens)} tokens long, "
-                f"more than the context length of {self._n_ctx} tokens"
-            )
+        tokens = self._prompt_tokens(prompt)
         cancel = cancel or Cancel()
         if cancel.is_set():
             return GenerationStats("abort", len(tokens), 0, 0, 0, 0, context=tokens)

@@ -267,12 +267,8 @@ class LlamaCppSession:
 
     # -- generation --------------------------------------------------------------------------
 
-    def generate(
-        self, prompt: str, options: SamplingOptions, emit: EmitPiece, cancel: Cancel | None = None
-    ) -> GenerationStats:
-        llm = self._require_open()
-        if self._embedding:
-            raise RuntimeFailure("this model was loaded for embeddings; load it again to generate text")
+    def _prompt_tokens(self, prompt: str) -> list[int]:
+        """The prompt's tokens, refused when empty or longer than one sequence's context."""
         tokens = self.tokenize(prompt)
         if not tokens:
             raise RuntimeFailure("the prompt is empty")
@@ -281,6 +277,15 @@ class LlamaCppSession:
                 f"the prompt is {len(tokens)} tokens long, "
                 f"more than the context length of {self._n_ctx} tokens"
             )
+        return tokens
+
+    def generate(
+        self, prompt: str, options: SamplingOptions, emit: EmitPiece, cancel: Cancel | None = None
+    ) -> GenerationStats:
+        llm = self._require_open()
+        if self._embedding:
+            raise RuntimeFailure("this model was loaded for embeddings; load it again to generate text")
+        tokens = self._prompt_tokens(prompt)
         sampler = self._build_sampler(options, tokens)
         try:
             return self._run(llm, tokens, options, sampler, emit, cancel or Cancel())
