@@ -81,6 +81,7 @@ def test_the_server_process_loads_no_engine() -> None:
         "transformers",
         "tokenizers",
         "numpy",
+        "PIL",
         "gguf",
         "rkllama_ollama.runtime.rkllm.session",
         "rkllama_ollama.runtime.llamacpp",

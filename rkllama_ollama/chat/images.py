@@ -21,8 +21,6 @@ import struct
 import warnings
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
-
 from rkllama_ollama.runtime.base import IMAGE_TAG
 
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
@@ -77,6 +75,9 @@ def _header(text: str, where: str) -> tuple[str | None, int, int]:
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise ImageError(f"{where} is not valid base64") from None
+    # Pillow loads with the first picture, not with the server: most daemons never see one.
+    from PIL import Image, UnidentifiedImageError
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
