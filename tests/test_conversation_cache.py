@@ -126,6 +126,22 @@ def test_a_returning_conversation_restores_its_prompt_cache(
     assert not list((tmp_path / "cache").rglob("*.cache"))
 
 
+def test_a_continuing_conversation_writes_no_cache_file_where_the_runtime_keeps_history(
+    rkllm: Callable[..., RkllmSession], tmp_path: Path
+) -> None:
+    """A save writes the whole KV state before the first token: D-F save only when another conversation
+    replaces the live cache; C, which keeps no history, saves every turn (one file, superseded)."""
+    session = rkllm(cache_dir=tmp_path / "cache")
+    chat = Chat(session, "weather")
+    for _ in range(3):
+        chat.turn()
+    files = list((tmp_path / "cache").rglob("*.cache"))
+    assert len(files) == (1 if rkllm.family == "C" else 0)  # type: ignore[attr-defined]
+    Chat(session, "gardening").turn()  # replaces the weather chat in the live cache: D-F save it now
+    assert len(list((tmp_path / "cache").rglob("*.cache"))) == (2 if rkllm.family == "C" else 1)  # type: ignore[attr-defined]
+    session.close()
+
+
 def test_without_slots_nothing_is_saved(rkllm: Callable[..., RkllmSession], tmp_path: Path) -> None:
     session = rkllm(cache_dir=tmp_path / "cache", slots=0)
     first, second = Chat(session, "weather"), Chat(session, "gardening")

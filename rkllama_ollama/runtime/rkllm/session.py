@@ -11,10 +11,12 @@ One session owns one rkllm handle. Runs in the runner child process only.
   offers no way to cut a multi-turn cache at a position (ranged clearing needs a paused single-turn
   run), so the session clears it and restores the best conversation cache instead, else feeds the
   whole prompt. Family C has no history: every prompt is fed whole, or restored from a cache.
-- Conversation caches (runtime/kv_cache.py, every family): each run saves its prefill state to a
-  prompt-cache file (RKLLMInferParam.prompt_cache_params); a prompt that shares more tokens with one
-  of them than with the live cache clears the live cache, loads that file (rkllm_load_prompt_cache)
-  and runs the whole prompt: the runtime prefills only what follows the shared prefix.
+- Conversation caches (runtime/kv_cache.py, every family): prompt-cache files
+  (RKLLMInferParam.prompt_cache_params), saved by every run on C (no history) and, on D-F, when a
+  prompt of another conversation is about to replace the live cache; a prompt that shares more tokens
+  with one of them than with the live cache clears the live cache, loads that file
+  (rkllm_load_prompt_cache) and runs the whole prompt: the runtime prefills only what follows the
+  shared prefix.
 - Sampling: on F per request through RKLLMSamplingParam; on C/D/E sampling lives in RKLLMParam,
   so a request whose sampling differs from the loaded values re-initialises the handle (destroy +
   init: the model is loaded again, seconds on a device; the time is in `last_reload_ns`, and the
@@ -494,7 +496,11 @@ class RkllmSession:
         keepalive: list[Any] = []
         rkllm_input = self._make_input(feed, keepalive)
         infer = self._make_infer(abi.INFER_GENERATE, keep_history, options, num_predict)
-        save_path = self._conversations.reserve_file()
+        # Without history every run starts from scratch, so each run's prefill state is saved for the
+        # next turn. With history the live cache carries the conversation, and it is saved only when
+        # another prompt is about to replace it (_save_leaving_conversation): a save writes the whole KV
+        # state to disk before the first token, a cost a continuing turn should not pay.
+        save_path = None if keep_history else self._conversations.reserve_file()
         if save_path is not None:
             cache_param = self._layout.PromptCacheParam(
                 save_prompt_cache=1, prompt_cache_path=os.fsencode(save_path)
