@@ -34,7 +34,7 @@ from rkllama_ollama.runtime.base import (
     RuntimeFailure,
     TokenLogprob,
 )
-from rkllama_ollama.runtime.runner import Finished, Piece, RunnerDied
+from rkllama_ollama.runtime.runner.protocol import Finished, Piece
 from rkllama_ollama.scheduler import LoadedModel, Scheduler
 from rkllama_ollama.structured import (
     Format,
@@ -336,9 +336,6 @@ class Generator:
             if inputs:
                 try:
                     result = await loaded.runner.embed(inputs, truncate)
-                except RunnerDied:
-                    self.scheduler.forget_dead_runner()
-                    raise
                 except ContextOverflow:
                     raise ContextOverflow(INPUT_TOO_LONG) from None
             self.scheduler.touch(loaded, keep_alive_s)
@@ -360,11 +357,7 @@ class Generator:
     async def _ensure_loaded(
         self, entry: ModelEntry, spec: LoadSpec, keep_alive_s: float | None
     ) -> LoadedModel:
-        try:
-            loaded = await self.scheduler.ensure_loaded(entry, spec, keep_alive_s)
-        except RunnerDied:
-            self.scheduler.forget_dead_runner()
-            raise
+        loaded = await self.scheduler.ensure_loaded(entry, spec, keep_alive_s)
         if loaded.load_ns:
             self.observer.model_loaded(entry.name.display, spec.engine, loaded.load_ns)
         return loaded
@@ -545,9 +538,6 @@ class Generator:
                             generation.abort()
                     elif isinstance(item, Finished):
                         stats = item.stats
-            except RunnerDied:
-                self.scheduler.forget_dead_runner()
-                raise
             finally:
                 await generation.aclose()
             if not stopped:

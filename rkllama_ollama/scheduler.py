@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from rkllama_ollama.models.store import ModelEntry
 from rkllama_ollama.residency import Resident, estimated_bytes, mem_available_bytes, plan_load
 from rkllama_ollama.runtime.base import LoadSpec, ModelInfo
-from rkllama_ollama.runtime.runner import RunnerProcess
+from rkllama_ollama.runtime.runner.protocol import Runner, RunnerFactory
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class QueueFull(Exception):
 class LoadedModel:
     entry: ModelEntry
     spec: LoadSpec
-    runner: RunnerProcess
+    runner: Runner
     info: ModelInfo
     load_ns: int
     keep_alive_s: float
@@ -101,9 +101,9 @@ class Scheduler:
     def __init__(
         self,
         *,
+        runner_factory: RunnerFactory,
         keep_alive_s: float,
         max_queue: int,
-        runner_env: dict[str, str] | None = None,
         aging_s: float = AGING_S,
         max_loaded: int = DEFAULT_MAX_LOADED,
         memory_available: Callable[[], int | None] = mem_available_bytes,
@@ -111,7 +111,7 @@ class Scheduler:
         self.default_keep_alive_s = keep_alive_s
         self.max_queue = max_queue
         self.max_loaded = max(1, max_loaded)
-        self._runner_env = runner_env
+        self._runner_factory = runner_factory
         self._aging_s = aging_s
         self._memory_available = memory_available
         self._lanes: dict[str, _Lane] = {}
@@ -361,7 +361,7 @@ class Scheduler:
         self, lane: _Lane, entry: ModelEntry, spec: LoadSpec, keep_alive_s: float | None
     ) -> LoadedModel:
         started = time.perf_counter_ns()
-        runner = await RunnerProcess.start(self._runner_env)
+        runner = await self._runner_factory(spec)
         try:
             info, engine_ns = await runner.load(spec)
         except BaseException:
@@ -374,6 +374,7 @@ class Scheduler:
         ka = self.default_keep_alive_s if keep_alive_s is None else keep_alive_s
         loaded = lane.loaded = LoadedModel(entry, spec, runner, info, load_ns, ka)
         self.touch(loaded, None)
+        runner.died.add_done_callback(lambda _: self._forget_dead(lane, loaded))
         log.info(
             "loaded model=%s engine=%s ctx=%d parallel=%d in %.3fs (engine %.3fs); %d model(s) loaded",
             entry.name.display,
@@ -400,17 +401,17 @@ class Scheduler:
         async with self._load_lock:
             await self._stop_lane(lane, why)
 
-    def forget_dead_runner(self) -> None:
-        """Drop runners that died; the next request on their model starts a new one."""
-        for lane in self._lanes.values():
-            loaded = lane.loaded
-            if loaded is not None and not loaded.runner.alive:
-                log.warning(
-                    "model=%s lost its runner; it will be reloaded on the next request",
-                    loaded.entry.name.display,
-                )
-                lane.loaded = None
-                self._wake_room_waiters()
+    def _forget_dead(self, lane: _Lane, loaded: LoadedModel) -> None:
+        """A runner ended. If its model was still loaded (not stopped by us), forget it: the next
+        request on the model starts a new runner."""
+        if lane.loaded is not loaded:
+            return
+        log.warning(
+            "model=%s lost its runner; it will be reloaded on the next request", loaded.entry.name.display
+        )
+        lane.loaded = None
+        self._cancel_expiry(lane)
+        self._wake_room_waiters()
 
     async def unload(self, entry: ModelEntry) -> None:
         """keep_alive 0 with no prompt: unload now if idle, else as soon as the running request ends."""

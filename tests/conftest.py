@@ -1,11 +1,17 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
 
+from rkllama_ollama.api.app import build_context, create_app
+from rkllama_ollama.config import settings_from_env
 from tests.support.daemon import Daemon
+from tests.support.inprocess_daemon import InProcessDaemon
+from tests.support.inprocess_runner import inprocess_runner_factory
 from tests.support.tiny_gguf import write_tiny_gguf
 
 TINY = "tiny"
@@ -44,3 +50,23 @@ def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def daemon(tiny_store: Path) -> Iterator[Daemon]:
     with Daemon(tiny_store).start() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def served(tiny_store: Path) -> Iterator[Daemon]:
+    """The daemon's HTTP server in this process (runners too), on a real port: for HTTP tests that do
+    not need to prove the `serve` process or a child runner process. Same interface as `daemon`."""
+    with InProcessDaemon(tiny_store, name="served").start() as server:
+        yield server
+
+
+AiohttpClient = Callable[[web.Application], Awaitable[TestClient]]
+
+
+@pytest.fixture
+async def app_client(aiohttp_client: AiohttpClient, tiny_store: Path) -> TestClient:
+    """An aiohttp test client on the whole application, on the test's own loop, runners in-process;
+    `app_client.app` reaches the context (scheduler, store) for white-box checks."""
+    settings = settings_from_env({"RKLLAMA_EMBEDDED_MODEL": "0", "RKLLAMA_MODELS": str(tiny_store)})
+    ctx = build_context(settings, runner_factory=inprocess_runner_factory())
+    return await aiohttp_client(create_app(settings, ctx))

@@ -31,6 +31,7 @@ from tests.conftest import make_gguf_model
 from tests.rkllm_support.sim import add_sim_model, build_simulators
 from tests.support.daemon import Daemon, Reply
 from tests.support.fake_hub import FakeHub
+from tests.support.inprocess_daemon import InProcessDaemon
 from tests.support.tiny_gguf import write_tiny_gguf
 from tests.test_tools_thinking_live import THINK_REPLY, TOOL_REPLY, WEATHER_TOOL
 from tests.test_tools_thinking_live import add_model as add_template_model
@@ -57,8 +58,8 @@ def chatml(*turns: tuple[str, str]) -> str:
     )
 
 
-def post(daemon: Daemon, path: str, body: Any) -> Reply:
-    return daemon.request("POST", path, body)
+def post(served: Daemon, path: str, body: Any) -> Reply:
+    return served.request("POST", path, body)
 
 
 def ndjson(payload: bytes) -> list[dict[str, Any]]:
@@ -74,7 +75,7 @@ def ndjson(payload: bytes) -> list[dict[str, Any]]:
 def empty_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     store = tmp_path_factory.mktemp("checklist-empty") / "models"
     store.mkdir()
-    with Daemon(store).start() as server:
+    with InProcessDaemon(store).start() as server:
         yield server
 
 
@@ -112,21 +113,21 @@ def client(live: Daemon) -> ollama.Client:
     return ollama.Client(host=live.url)
 
 
-def unload_everything(daemon: Daemon) -> None:
-    for model in daemon.request("GET", "/api/ps").json()["models"]:
-        post(daemon, "/api/generate", {"model": model["model"], "keep_alive": 0})
-    assert daemon.request("GET", "/api/ps").json() == {"models": []}
+def unload_everything(served: Daemon) -> None:
+    for model in served.request("GET", "/api/ps").json()["models"]:
+        post(served, "/api/generate", {"model": model["model"], "keep_alive": 0})
+    assert served.request("GET", "/api/ps").json() == {"models": []}
 
 
-def ps_context_length(daemon: Daemon, name: str) -> int:
+def ps_context_length(served: Daemon, name: str) -> int:
     """The context length of the loaded model `name` (other models may be resident beside it)."""
-    models = daemon.request("GET", "/api/ps").json()["models"]
+    models = served.request("GET", "/api/ps").json()["models"]
     (model,) = [model for model in models if model["name"].partition(":")[0] == name]
     return int(model["context_length"])
 
 
-def expires_at(daemon: Daemon) -> dt.datetime:
-    (model,) = daemon.request("GET", "/api/ps").json()["models"]
+def expires_at(served: Daemon) -> dt.datetime:
+    (model,) = served.request("GET", "/api/ps").json()["models"]
     return dt.datetime.fromisoformat(model["expires_at"])
 
 
@@ -493,7 +494,7 @@ def test_item_34_think_other_strings_and_unset(live: Daemon) -> None:
     }
 
 
-def test_item_35_unknown_options_and_num_ctx_precedence(live: Daemon, daemon: Daemon) -> None:
+def test_item_35_unknown_options_and_num_ctx_precedence(live: Daemon, served: Daemon) -> None:
     """#35: removed and unknown option keys are ignored; num_ctx is request > Modelfile > environment
     (RKLLAMA_CONTEXT_LENGTH=2048 here) > default (4096, the session daemon without the variable)."""
     stale = {"mirostat": 1, "mirostat_eta": 0.1, "tfs_z": 1.0, "penalize_newline": True, "numa": "x"}
@@ -506,8 +507,8 @@ def test_item_35_unknown_options_and_num_ctx_precedence(live: Daemon, daemon: Da
     assert ps_context_length(live, "ctx") == 3072
     assert post(live, "/api/generate", {"model": "ctx", "options": {"num_ctx": 1024}}).status == 200
     assert ps_context_length(live, "ctx") == 1024
-    assert post(daemon, "/api/generate", {"model": "tiny"}).status == 200
-    assert ps_context_length(daemon, "tiny") == 4096
+    assert post(served, "/api/generate", {"model": "tiny"}).status == 200
+    assert ps_context_length(served, "tiny") == 4096
 
 
 # -- chat output --------------------------------------------------------------------------------------------

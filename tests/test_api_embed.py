@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import make_gguf_model
 from tests.support.daemon import Daemon
+from tests.support.inprocess_daemon import InProcessDaemon
 from tests.support.tiny_gguf import N_EMBD, write_tiny_gguf
 
 LONG_TEXT = "hello world " * 600  # well over the 512-token context of `emb`
@@ -36,7 +37,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     (store / "emb").mkdir(parents=True)
     write_tiny_gguf(store / "emb" / "emb.gguf", embedding=True)
     make_gguf_model(store, "tiny")
-    with Daemon(Path(store)).start() as server:
+    with InProcessDaemon(Path(store)).start() as server:
         yield server
 
 

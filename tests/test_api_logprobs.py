@@ -27,8 +27,8 @@ def assert_sane(entries: list[Any], alternatives: int) -> None:
         assert values == sorted(values, reverse=True) and sum(math.exp(v) for v in values) <= 1.0 + 1e-6
 
 
-def test_ollama_chat_streamed_one_entry_per_token_on_its_chunk(daemon: Daemon) -> None:
-    client = ollama.Client(host=daemon.url)
+def test_ollama_chat_streamed_one_entry_per_token_on_its_chunk(served: Daemon) -> None:
+    client = ollama.Client(host=served.url)
     chunks = list(
         client.chat(MODEL, messages=HELLO, options=SAMPLED, stream=True, logprobs=True, top_logprobs=2)
     )
@@ -38,9 +38,9 @@ def test_ollama_chat_streamed_one_entry_per_token_on_its_chunk(daemon: Daemon) -
     assert_sane(entries, 2)
 
 
-def test_the_wire_entries_carry_the_exact_bytes_of_their_chunk(daemon: Daemon) -> None:
+def test_the_wire_entries_carry_the_exact_bytes_of_their_chunk(served: Daemon) -> None:
     body = {"model": MODEL, "messages": HELLO, "options": SAMPLED, "logprobs": True}
-    lines = [orjson.loads(line) for line in daemon.request("POST", "/api/chat", body).body.splitlines()]
+    lines = [orjson.loads(line) for line in served.request("POST", "/api/chat", body).body.splitlines()]
     *chunks, final = lines
     entries = [entry for chunk in chunks for entry in chunk.get("logprobs", [])]
     assert len(entries) == final["eval_count"] and "logprobs" not in final
@@ -52,16 +52,16 @@ def test_the_wire_entries_carry_the_exact_bytes_of_their_chunk(daemon: Daemon) -
         assert chunk["message"]["content"] == raw.decode("utf-8", "replace")
 
 
-def test_ollama_generate_whole_concatenates_them(daemon: Daemon) -> None:
-    client = ollama.Client(host=daemon.url)
+def test_ollama_generate_whole_concatenates_them(served: Daemon) -> None:
+    client = ollama.Client(host=served.url)
     reply = client.generate(MODEL, prompt="hi", options=SAMPLED, logprobs=True)
     assert reply.logprobs is not None and len(reply.logprobs) == reply.eval_count
     assert_sane(reply.logprobs, 0)
     assert client.generate(MODEL, prompt="hi", options=SAMPLED).logprobs is None  # only when asked
 
 
-def test_ollama_greedy_token_is_the_likeliest(daemon: Daemon) -> None:
-    client = ollama.Client(host=daemon.url)
+def test_ollama_greedy_token_is_the_likeliest(served: Daemon) -> None:
+    client = ollama.Client(host=served.url)
     reply = client.chat(
         MODEL, messages=HELLO, options={"num_predict": 6, "temperature": 0}, logprobs=True, top_logprobs=1
     )
@@ -71,16 +71,16 @@ def test_ollama_greedy_token_is_the_likeliest(daemon: Daemon) -> None:
         assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)
 
 
-def test_ollama_bad_logprobs_fields_are_400s(daemon: Daemon) -> None:
+def test_ollama_bad_logprobs_fields_are_400s(served: Daemon) -> None:
     body: dict[str, Any] = {"model": MODEL, "prompt": "hi", "logprobs": "yes"}
-    reply = daemon.request("POST", "/api/generate", body)
+    reply = served.request("POST", "/api/generate", body)
     assert reply.status == 400 and reply.error == '"logprobs" must be a boolean'
-    reply = daemon.request("POST", "/api/chat", {"model": MODEL, "messages": HELLO, "top_logprobs": -1})
+    reply = served.request("POST", "/api/chat", {"model": MODEL, "messages": HELLO, "top_logprobs": -1})
     assert reply.status == 400 and reply.error == "top_logprobs must be between 0 and 20"
 
 
-def test_openai_chat_logprobs_whole_and_streamed(daemon: Daemon) -> None:
-    client = openai.OpenAI(base_url=daemon.url + "/v1", api_key="x", max_retries=0)
+def test_openai_chat_logprobs_whole_and_streamed(served: Daemon) -> None:
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key="x", max_retries=0)
     reply = client.chat.completions.create(
         model=MODEL,
         messages=HELLO,
@@ -113,8 +113,8 @@ def test_openai_chat_logprobs_whole_and_streamed(daemon: Daemon) -> None:
     assert plain.choices[0].logprobs is None
 
 
-def test_openai_completions_legacy_logprobs(daemon: Daemon) -> None:
-    client = openai.OpenAI(base_url=daemon.url + "/v1", api_key="x", max_retries=0)
+def test_openai_completions_legacy_logprobs(served: Daemon) -> None:
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key="x", max_retries=0)
     reply = client.completions.create(model=MODEL, prompt="once upon", max_tokens=10, seed=5, logprobs=2)
     logprobs = reply.choices[0].logprobs
     assert logprobs is not None and logprobs.tokens is not None and reply.usage is not None

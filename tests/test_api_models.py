@@ -18,6 +18,7 @@ import pytest
 
 from tests.conftest import make_gguf_model
 from tests.support.daemon import Daemon, error_of
+from tests.support.inprocess_daemon import InProcessDaemon
 from tests.support.tiny_gguf import write_tiny_gguf
 
 
@@ -41,7 +42,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def daemon(store: Path) -> Iterator[Daemon]:
-    with Daemon(store).start() as server:
+    with InProcessDaemon(store).start() as server:
         yield server
 
 
@@ -260,7 +261,7 @@ def test_leftovers_of_an_interrupted_process_are_removed_at_start(tmp_path: Path
         (store / leftover / "half.gguf").write_bytes(b"GGUF partial")
     (store / ".blobs").mkdir()
     (store / ".blobs" / ".partial-123").write_bytes(b"half an upload")
-    with Daemon(store).start() as server:
+    with InProcessDaemon(store).start() as server:
         assert not (store / ".staging-abc").exists() and not (store / ".trash-def").exists()
         assert list((store / ".blobs").iterdir()) == []
         assert (store / "kept" / "tiny.gguf").is_file()

@@ -15,6 +15,7 @@ import pytest
 
 from tests.conftest import make_gguf_model
 from tests.support.daemon import Daemon
+from tests.support.inprocess_daemon import InProcessDaemon
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}]
 
@@ -39,7 +40,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     # The seed's /generate has no options: the Modelfile bounds the replies of the random model.
     for name in ("Qwen2.5-1.5B-Instruct", "second", "to-remove"):
         make_gguf_model(store, name, max_new_tokens=48)
-    with Daemon(Path(store)).start() as server:
+    with InProcessDaemon(Path(store)).start() as server:
         yield server
 
 

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import make_gguf_model
 from tests.support.daemon import Daemon
+from tests.support.inprocess_daemon import InProcessDaemon
 from tests.test_api_ollama_fuzz import messages, one_fault, rarely_bad
 
 names = rarely_bad(st.sampled_from(["tiny", "tiny:latest", "TINY"]))
@@ -29,12 +30,12 @@ def native_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     make_gguf_model(store, "tiny")
     make_gguf_model(store, "tiny2")
     # Replies stay short: the native API takes no options, so the Modelfile context bounds them.
-    with Daemon(store, env={"RKLLAMA_CONTEXT_LENGTH": "256"}).start() as server:
+    with InProcessDaemon(store, env={"RKLLAMA_CONTEXT_LENGTH": "256"}).start() as server:
         yield server
 
 
-def assert_served(daemon: Daemon, method: str, path: str, body: Any) -> None:
-    reply = daemon.request(method, path, body)
+def assert_served(served: Daemon, method: str, path: str, body: Any) -> None:
+    reply = served.request(method, path, body)
     event(f"status {reply.status}")
     assert reply.status < 500, (reply.status, reply.body[:300])
     if reply.status >= 400:

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import make_gguf_model
 from tests.support.daemon import Daemon
+from tests.support.inprocess_daemon import InProcessDaemon
 from tests.test_api_openai_fuzz import UTF8, json_values, texts
 
 NASTY = st.sampled_from(
@@ -169,12 +170,12 @@ create_bodies = st.fixed_dictionaries(
 def fuzz_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     store = tmp_path_factory.mktemp("fuzz") / "models"
     make_gguf_model(store, "tiny", context_length=4096)
-    with Daemon(store).start() as server:
+    with InProcessDaemon(store).start() as server:
         yield server
 
 
-def assert_served(daemon: Daemon, path: str, body: Any, method: str = "POST") -> None:
-    reply = daemon.request(method, path, body)
+def assert_served(served: Daemon, path: str, body: Any, method: str = "POST") -> None:
+    reply = served.request(method, path, body)
     event(f"status {reply.status}")
     assert reply.status < 500, (reply.status, reply.body[:500])
     if reply.status >= 400:
@@ -186,8 +187,8 @@ def assert_served(daemon: Daemon, path: str, body: Any, method: str = "POST") ->
             assert "error" not in json.loads(line), (body, line)
 
 
-def assert_store_contained(daemon: Daemon) -> None:
-    store = daemon.models_dir
+def assert_store_contained(served: Daemon) -> None:
+    store = served.models_dir
     assert not (store.parent / "escape").exists() and not Path("/abs").exists()
     assert not any(p.name.startswith(".create-") for p in store.iterdir())  # no partial model visible
 

@@ -110,13 +110,13 @@ embedding_bodies = st.fixed_dictionaries(
 )
 
 
-def post(daemon: Daemon, path: str, body: Any) -> tuple[int, bytes]:
-    reply = daemon.request("POST", path, body)
+def post(served: Daemon, path: str, body: Any) -> tuple[int, bytes]:
+    reply = served.request("POST", path, body)
     return reply.status, reply.body
 
 
-def assert_served(daemon: Daemon, path: str, body: Any) -> None:
-    status, payload = post(daemon, path, body)
+def assert_served(served: Daemon, path: str, body: Any) -> None:
+    status, payload = post(served, path, body)
     # --hypothesis-show-statistics shows how many bodies were served and how many refused.
     event(f"status {status}")
     assert status < 500, (status, payload)
@@ -131,17 +131,17 @@ FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthChe
 
 @FUZZ
 @given(body=mostly(chat_bodies))
-def test_chat_completions_never_5xx(daemon: Daemon, body: Any) -> None:
-    assert_served(daemon, "/v1/chat/completions", body)
+def test_chat_completions_never_5xx(served: Daemon, body: Any) -> None:
+    assert_served(served, "/v1/chat/completions", body)
 
 
 @FUZZ
 @given(body=mostly(completion_bodies))
-def test_completions_never_5xx(daemon: Daemon, body: Any) -> None:
-    assert_served(daemon, "/v1/completions", body)
+def test_completions_never_5xx(served: Daemon, body: Any) -> None:
+    assert_served(served, "/v1/completions", body)
 
 
 @FUZZ
 @given(body=mostly(embedding_bodies))
-def test_embeddings_never_5xx(daemon: Daemon, body: Any) -> None:
-    assert_served(daemon, "/v1/embeddings", body)
+def test_embeddings_never_5xx(served: Daemon, body: Any) -> None:
+    assert_served(served, "/v1/embeddings", body)

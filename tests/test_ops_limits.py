@@ -9,13 +9,16 @@ import pytest
 
 from rkllama_ollama.config import ConfigError, settings_from_env
 from tests.support.daemon import Daemon
+from tests.support.inprocess_daemon import InProcessDaemon
 
 TWO_MIB_OF_TEXT = "x" * (2 * 2**20)
 
 
 @pytest.fixture(scope="module")
 def small_limit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    with Daemon(tmp_path_factory.mktemp("limits") / "models", env={"RKLLAMA_MAX_BODY_MB": "1"}).start() as d:
+    with InProcessDaemon(
+        tmp_path_factory.mktemp("limits") / "models", env={"RKLLAMA_MAX_BODY_MB": "1"}
+    ).start() as d:
         yield d
 
 

@@ -22,6 +22,7 @@ from rkllama_ollama.config import Settings
 from rkllama_ollama.scheduler import Scheduler
 from tests.rkllm_support.sim import add_sim_model, build_simulators
 from tests.support.daemon import Daemon
+from tests.support.inprocess_runner import inprocess_runner_factory
 
 LONG_REPLY = "lorem ipsum " * 1000  # 12000 tokens at 10 ms: far longer than the test, unless aborted
 
@@ -59,7 +60,7 @@ async def test_an_idle_daemon_is_ready_and_says_so(aiohttp_client: Any, tmp_path
 
 
 async def test_a_draining_daemon_is_not_ready() -> None:
-    readiness = Readiness(Scheduler(keep_alive_s=300, max_queue=4))
+    readiness = Readiness(Scheduler(runner_factory=inprocess_runner_factory(), keep_alive_s=300, max_queue=4))
     await readiness._on_shutdown(None)  # type: ignore[arg-type]  # the app is not used
     response = await readiness.handle(make_mocked_request("GET", "/api/ready"))
     assert response.status == 503

@@ -11,7 +11,7 @@ import ollama
 import pytest
 
 from tests.conftest import make_gguf_model
-from tests.support.daemon import Daemon
+from tests.support.inprocess_daemon import InProcessDaemon
 
 pytest.importorskip("llama_cpp")
 
@@ -36,8 +36,8 @@ def stream(client: ollama.Client, question: str, events: list[tuple[str, str]], 
 def test_four_concurrent_streams_match_their_serial_runs(tmp_path: Path) -> None:
     store = tmp_path / "models"
     make_gguf_model(store, "tiny")
-    with Daemon(store, env={"RKLLAMA_NUM_PARALLEL": "4"}).start() as daemon:
-        client = ollama.Client(host=daemon.url)
+    with InProcessDaemon(store, env={"RKLLAMA_NUM_PARALLEL": "4"}).start() as served:
+        client = ollama.Client(host=served.url)
         ignored: list[tuple[str, str]] = []
         serial = [stream(client, question, ignored, threading.Lock()) for question in QUESTIONS]
         events: list[tuple[str, str]] = []
@@ -56,7 +56,7 @@ def test_four_concurrent_streams_match_their_serial_runs(tmp_path: Path) -> None
         # They streamed at the same time: some stream began before another one ended.
         first_done = next(i for i, (kind, _) in enumerate(events) if kind == "done")
         assert sum(kind == "first" for kind, _ in events[:first_done]) >= 2
-        log = daemon.log()
+        log = served.log()
         assert len(re.findall(r"loaded model=tiny:latest .* parallel=4", log)) == 1
         assert [m.model for m in client.ps().models] == ["tiny:latest"]
 
@@ -64,9 +64,9 @@ def test_four_concurrent_streams_match_their_serial_runs(tmp_path: Path) -> None
 def test_num_parallel_does_not_apply_to_embeddings(tmp_path: Path) -> None:
     store = tmp_path / "models"
     make_gguf_model(store, "tiny")
-    with Daemon(store, env={"OLLAMA_NUM_PARALLEL": "3"}).start() as daemon:
-        client = ollama.Client(host=daemon.url)
+    with InProcessDaemon(store, env={"OLLAMA_NUM_PARALLEL": "3"}).start() as served:
+        client = ollama.Client(host=served.url)
         assert len(client.embed("tiny", input=["a", "b"]).embeddings) == 2
-        assert "parallel=1" in daemon.log()
+        assert "parallel=1" in served.log()
         client.chat("tiny", messages=[{"role": "user", "content": "hi"}], options=OPTIONS)
-        assert "parallel=3" in daemon.log()
+        assert "parallel=3" in served.log()

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
-import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rkllama_ollama.runtime.runner import _HEADER, MAX_FRAME, _EventFrames, encode_frame
+from rkllama_ollama.runtime.runner.codec import HEADER, MAX_FRAME, encode
+from rkllama_ollama.runtime.runner.messages import Done, Emitted, Reply
+from rkllama_ollama.runtime.runner.process import EventFrames
 
-texts = st.text(max_size=40)
+ids = st.integers(0, 99)
 messages = st.lists(
-    st.fixed_dictionaries(
-        {"ev": st.sampled_from(["piece", "done"]), "id": st.integers(0, 99), "text": texts}
-    ),
+    st.one_of(st.builds(Emitted, ids, st.text(max_size=40)), st.builds(Done, ids, st.none())),
     max_size=12,
 )
 
@@ -30,10 +28,10 @@ class _Transport(asyncio.BaseTransport):
         self.closed = True
 
 
-def _feed(chunks: list[bytes]) -> tuple[list[dict[str, Any]], _EventFrames, _Transport]:
-    async def run() -> tuple[list[dict[str, Any]], _EventFrames, _Transport]:
-        received: list[dict[str, Any]] = []
-        frames = _EventFrames(received.append)
+def _feed(chunks: list[bytes]) -> tuple[list[Reply], EventFrames, _Transport]:
+    async def run() -> tuple[list[Reply], EventFrames, _Transport]:
+        received: list[Reply] = []
+        frames = EventFrames(received.append)
         transport = _Transport()
         frames.connection_made(transport)
         for chunk in chunks:
@@ -44,10 +42,8 @@ def _feed(chunks: list[bytes]) -> tuple[list[dict[str, Any]], _EventFrames, _Tra
 
 
 @given(messages, st.lists(st.integers(min_value=1, max_value=64), max_size=200))
-def test_any_split_of_the_byte_stream_gives_the_same_messages(
-    sent: list[dict[str, Any]], cuts: list[int]
-) -> None:
-    stream = b"".join(encode_frame(m) for m in sent)
+def test_any_split_of_the_byte_stream_gives_the_same_messages(sent: list[Reply], cuts: list[int]) -> None:
+    stream = b"".join(encode(m) for m in sent)
     chunks, start = [], 0
     for cut in cuts:
         if start >= len(stream):
@@ -63,13 +59,15 @@ def test_any_split_of_the_byte_stream_gives_the_same_messages(
 @pytest.mark.parametrize(
     "stream",
     [
-        _HEADER.pack(5) + b"nope!",  # not JSON
-        _HEADER.pack(2) + b"[]",  # JSON, but not an object
-        _HEADER.pack(MAX_FRAME + 1) + b"{}",  # absurd length
+        HEADER.pack(5) + b"nope!",  # not JSON
+        HEADER.pack(2) + b"[]",  # JSON, but not an object
+        HEADER.pack(MAX_FRAME + 1) + b"{}",  # absurd length
+        HEADER.pack(26) + b'{"ev": "surprise", "id":1}',  # not an event of the protocol
+        HEADER.pack(24) + b'{"ev": "piece", "id": 1}',  # an event without its text
     ],
 )
 def test_a_corrupt_frame_closes_the_pipe_and_delivers_nothing_after_it(stream: bytes) -> None:
-    good = encode_frame({"ev": "piece", "id": 1, "text": "a"})
+    good = encode(Emitted(1, "a"))
     received, frames, transport = _feed([good + stream + good])
-    assert received == [orjson.loads(good[_HEADER.size :])]
+    assert received == [Emitted(1, "a")]
     assert frames.corrupt and transport.closed

@@ -7,10 +7,13 @@ import asyncio
 import pytest
 
 from rkllama_ollama.scheduler import QueueFull, Scheduler
+from tests.support.inprocess_runner import inprocess_runner_factory
 
 
 def make(max_queue: int = 8, aging_s: float = 1000.0) -> Scheduler:
-    return Scheduler(keep_alive_s=300, max_queue=max_queue, aging_s=aging_s)
+    return Scheduler(
+        runner_factory=inprocess_runner_factory(), keep_alive_s=300, max_queue=max_queue, aging_s=aging_s
+    )
 
 
 async def hold(

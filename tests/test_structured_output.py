@@ -32,6 +32,7 @@ from rkllama_ollama.structured import (
 )
 from tests.rkllm_support.sim import add_sim_model, build_simulators
 from tests.support.daemon import Daemon, http_request
+from tests.support.inprocess_daemon import InProcessDaemon
 from tests.support.tiny_gguf import write_tiny_gguf
 
 # Only bounded values: a random model's strings might not close within num_predict.
@@ -127,8 +128,8 @@ def test_held_answer_passes_thinking_and_tool_calls_and_holds_content() -> None:
 # -- GGUF: real constrained decoding on the tiny random model -----------------------------------------
 
 
-def test_ollama_chat_with_a_schema_yields_valid_json(daemon: Daemon) -> None:
-    client = ollama.Client(host=daemon.url)
+def test_ollama_chat_with_a_schema_yields_valid_json(served: Daemon) -> None:
+    client = ollama.Client(host=served.url)
     reply = client.chat(model="tiny", messages=HELLO, format=SCHEMA, options=LONG_ENOUGH)
     assert reply.done_reason == "stop", "the grammar ends the answer, not num_predict"
     jsonschema.validate(json.loads(reply.message.content or ""), SCHEMA)
@@ -139,15 +140,15 @@ def test_ollama_chat_with_a_schema_yields_valid_json(daemon: Daemon) -> None:
     assert streamed == reply.message.content
 
 
-def test_ollama_generate_with_a_schema_yields_valid_json(daemon: Daemon) -> None:
-    reply = ollama.Client(host=daemon.url).generate(
+def test_ollama_generate_with_a_schema_yields_valid_json(served: Daemon) -> None:
+    reply = ollama.Client(host=served.url).generate(
         model="tiny", prompt="hi", format=SCHEMA, options={"num_predict": 200, "seed": 5}
     )
     jsonschema.validate(json.loads(reply.response), SCHEMA)
 
 
-def test_openai_response_format_json_schema_yields_valid_json(daemon: Daemon) -> None:
-    client = openai.OpenAI(base_url=daemon.url + "/v1", api_key="x", max_retries=0)
+def test_openai_response_format_json_schema_yields_valid_json(served: Daemon) -> None:
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key="x", max_retries=0)
     for seed in (1, 2, 3):
         reply = client.chat.completions.create(
             model="tiny",
@@ -160,12 +161,12 @@ def test_openai_response_format_json_schema_yields_valid_json(daemon: Daemon) ->
         jsonschema.validate(json.loads(reply.choices[0].message.content or ""), SCHEMA)
 
 
-def test_an_invalid_schema_is_a_400_on_both_apis(daemon: Daemon) -> None:
+def test_an_invalid_schema_is_a_400_on_both_apis(served: Daemon) -> None:
     bad = {"type": "no-such-type"}
-    status, body = post(daemon.url + "/api/chat", {"model": "tiny", "messages": HELLO, "format": bad})
+    status, body = post(served.url + "/api/chat", {"model": "tiny", "messages": HELLO, "format": bad})
     assert status == 400 and "invalid JSON schema" in json.loads(body)["error"]
     status, body = post(
-        daemon.url + "/v1/chat/completions",
+        served.url + "/v1/chat/completions",
         {
             "model": "tiny",
             "messages": HELLO,
@@ -174,16 +175,16 @@ def test_an_invalid_schema_is_a_400_on_both_apis(daemon: Daemon) -> None:
     )
     assert status == 400 and "invalid JSON schema" in json.loads(body)["error"]["message"]
     status, body = post(
-        daemon.url + "/v1/chat/completions",
+        served.url + "/v1/chat/completions",
         {"model": "tiny", "messages": HELLO, "response_format": {"type": "yaml"}},
     )
     assert status == 400 and json.loads(body)["error"]["message"] == 'invalid response_format type: "yaml"'
 
 
-def test_an_array_of_anything_is_enforced(daemon: Daemon) -> None:
+def test_an_array_of_anything_is_enforced(served: Daemon) -> None:
     # `items: {}` ("any item") made the binding's GBNF converter fail with KeyError 'prefixItems': a 500.
     schema = {"type": "array", "items": {}}
-    client = ollama.Client(host=daemon.url)
+    client = ollama.Client(host=served.url)
     for seed in (1, 2, 3):  # random weights nest deep: a complete answer is an array, a cut one starts as one
         reply = client.chat(
             model="tiny", messages=HELLO, format=schema, options={"num_predict": 1000, "seed": seed}
@@ -195,12 +196,12 @@ def test_an_array_of_anything_is_enforced(daemon: Daemon) -> None:
             assert content.startswith("["), content[:80]
 
 
-def test_a_valid_schema_the_grammar_cannot_express_is_a_400_not_a_500(daemon: Daemon) -> None:
+def test_a_valid_schema_the_grammar_cannot_express_is_a_400_not_a_500(served: Daemon) -> None:
     schema = {"$ref": "#/definitions/missing"}  # valid JSON Schema, but the reference leads nowhere
-    status, body = post(daemon.url + "/api/chat", {"model": "tiny", "messages": HELLO, "format": schema})
+    status, body = post(served.url + "/api/chat", {"model": "tiny", "messages": HELLO, "format": schema})
     assert status == 400
     assert json.loads(body)["error"].startswith("this JSON schema cannot be enforced on a GGUF model (")
-    assert ollama.Client(host=daemon.url).chat(model="tiny", messages=HELLO, options={"num_predict": 2}).done
+    assert ollama.Client(host=served.url).chat(model="tiny", messages=HELLO, options={"num_predict": 2}).done
 
 
 # -- .rkllm (simulator): guided, then validated -----------------------------------------------------
@@ -275,7 +276,7 @@ def test_a_thinking_model_thinks_freely_under_a_format(tmp_path: Path) -> None:
     write_tiny_gguf(store / "thinker" / "tiny.gguf", chat_template=OPENS_THINKING)
     (store / "thinker" / "Modelfile").write_text('FROM="tiny.gguf"\n')
     options = {"num_predict": 40, "seed": 9, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
-    with Daemon(store).start() as server:
+    with InProcessDaemon(store).start() as server:
         client = ollama.Client(host=server.url)
         assert "thinking" in client.show("thinker").capabilities
         free = client.chat(model="thinker", messages=HELLO, options=options)

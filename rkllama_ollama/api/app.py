@@ -30,6 +30,8 @@ from rkllama_ollama.models.names import InvalidModelName
 from rkllama_ollama.models.store import Store, kv_cache_root
 from rkllama_ollama.models.tokenizer_fetch import TokenizerFetcher
 from rkllama_ollama.runtime.base import InvalidInput, RuntimeFailure
+from rkllama_ollama.runtime.runner.process import process_runner_factory
+from rkllama_ollama.runtime.runner.protocol import RunnerFactory
 from rkllama_ollama.scheduler import QueueFull, Scheduler, runner_environment
 
 log = logging.getLogger(__name__)
@@ -78,13 +80,17 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return _error(request, 500, "internal server error")
 
 
-def build_context(settings: Settings) -> AppContext:
+def build_context(settings: Settings, runner_factory: RunnerFactory | None = None) -> AppContext:
+    """The server's parts. Runners are child processes unless `runner_factory` says otherwise."""
     store = Store(settings.models_dir, offer_embedded=settings.offer_embedded)
+    if runner_factory is None:
+        env = runner_environment(settings.rkllm_lib, settings.rkllm_version, settings.log_level)
+        runner_factory = process_runner_factory(env)
     scheduler = Scheduler(
+        runner_factory=runner_factory,
         keep_alive_s=settings.keep_alive_s,
         max_queue=settings.max_queue,
         max_loaded=settings.max_loaded_models,
-        runner_env=runner_environment(settings.rkllm_lib, settings.rkllm_version, settings.log_level),
     )
     generator = Generator(
         scheduler,
