@@ -35,7 +35,7 @@ class EventFrames(asyncio.Protocol):
         self._deliver = deliver
         self._frames = FrameBuffer()
         self._transport: asyncio.BaseTransport | None = None
-        self.corrupt = False
+        self.corrupt: str | None = None  # what was wrong with the frame that closed the pipe
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -46,8 +46,7 @@ class EventFrames(asyncio.Protocol):
             for payload in self._frames.feed(data):
                 self._deliver(decode_reply(payload))
         except FrameError as exc:
-            log.error("runner sent a bad event frame: %s", exc)
-            self.corrupt = True
+            self.corrupt = str(exc)
             self._frames.clear()
             if self._transport is not None:
                 self._transport.close()
@@ -116,7 +115,11 @@ class RunnerProcess(RunnerClient):
         """When the event pipe closes (exit, crash or a corrupt frame), fail whoever is waiting."""
         await self._events.closed
         if self._events.corrupt:
-            log.error("runner pid=%d sent a corrupt event frame; killing it", self._process.pid)
+            log.error(
+                "runner pid=%d sent a corrupt event frame (%s); killing it",
+                self._process.pid,
+                self._events.corrupt,
+            )
             self.kill()
         returncode = await self._process.wait()
         if returncode < 0:
