@@ -1,4 +1,5 @@
-"""Faults on a live daemon: a client that vanishes mid-stream, a runner that dies mid-generation."""
+"""Faults: a client that vanishes mid-stream and a full queue (in-process daemon), a runner process that
+dies mid-generation (live daemon: only a real child process can be killed)."""
 
 from __future__ import annotations
 
@@ -17,16 +18,30 @@ import pytest
 
 from tests.conftest import make_gguf_model
 from tests.support.daemon import Daemon
+from tests.support.inprocess_daemon import InProcessDaemon
 
 LONG = {"num_predict": 20000, "num_ctx": 32768, "seed": 3, "temperature": 1.0}
 
 
+def tiny_store(root: Path) -> Path:
+    store = root / "models"
+    make_gguf_model(store, "tiny", context_length=32768)
+    return store
+
+
+# A long default context: a request without options (the native API's) runs long enough to be left.
+LONG_DEFAULT = {"RKLLAMA_CONTEXT_LENGTH": "32768"}
+
+
 @pytest.fixture
 def own_daemon(tmp_path: Path) -> Iterator[Daemon]:
-    store = tmp_path / "models"
-    make_gguf_model(store, "tiny", context_length=32768)
-    # A long default context: a request without options (the native API's) runs long enough to be left.
-    with Daemon(store, env={"RKLLAMA_CONTEXT_LENGTH": "32768"}).start() as server:
+    with InProcessDaemon(tiny_store(tmp_path), env=LONG_DEFAULT).start() as server:
+        yield server
+
+
+@pytest.fixture
+def live_daemon(tmp_path: Path) -> Iterator[Daemon]:
+    with Daemon(tiny_store(tmp_path), env=LONG_DEFAULT).start() as server:
         yield server
 
 
@@ -76,10 +91,10 @@ def test_a_client_that_disconnects_frees_the_session(own_daemon: Daemon) -> None
     assert ended[-1] == ("length", 4)
 
 
-def test_killing_the_runner_mid_generation_is_an_error_line_then_recovery(own_daemon: Daemon) -> None:
+def test_killing_the_runner_mid_generation_is_an_error_line_then_recovery(live_daemon: Daemon) -> None:
     body = {"model": "tiny", "messages": [{"role": "user", "content": "go on"}], "options": LONG}
-    sock, received = own_daemon.open_stream("/api/chat", body)
-    runners = own_daemon.runner_pids()
+    sock, received = live_daemon.open_stream("/api/chat", body)
+    runners = live_daemon.runner_pids()
     assert len(runners) == 1
     os.kill(runners[0], signal.SIGKILL)
     sock.settimeout(60)
@@ -92,17 +107,17 @@ def test_killing_the_runner_mid_generation_is_an_error_line_then_recovery(own_da
     lines = [line for line in received.split(b"\r\n") if line.startswith(b"{")]
     last = json.loads(lines[-1])
     assert "error" in last and "runner" in last["error"] and "SIGKILL" in last["error"]
-    assert own_daemon.process is not None and own_daemon.process.poll() is None
-    client = ollama.Client(host=own_daemon.url)
+    assert live_daemon.process is not None and live_daemon.process.poll() is None
+    client = ollama.Client(host=live_daemon.url)
     reply = client.chat("tiny", messages=[{"role": "user", "content": "again"}], options={"num_predict": 3})
     assert reply.done and reply.eval_count == 3
-    assert len(own_daemon.runner_pids()) == 1 and own_daemon.runner_pids() != runners
+    assert len(live_daemon.runner_pids()) == 1 and live_daemon.runner_pids() != runners
 
 
 def test_a_full_queue_is_503_with_retry_after_in_both_faces(tmp_path: Path) -> None:
     store = tmp_path / "models"
     make_gguf_model(store, "tiny", context_length=32768)
-    with Daemon(store, env={"RKLLAMA_MAX_QUEUE": "1"}).start() as server:
+    with InProcessDaemon(store, env={"RKLLAMA_MAX_QUEUE": "1"}).start() as server:
         body = {"model": "tiny", "messages": [{"role": "user", "content": "go on"}], "options": LONG}
         sock, _ = server.open_stream("/api/chat", body)  # holds the session
         queued = {"model": "tiny", "prompt": "x", "stream": False, "options": {"num_predict": 2}}
