@@ -16,6 +16,9 @@ load, evict, unload.
 - A full queue (all models together) raises QueueFull before any byte is written (503 + Retry-After).
 - keep_alive: after the last turn on a model, it stays loaded for its keep_alive (0 = unload at once,
   negative = forever); a timer unloads it, and unloading is the runner process exiting.
+- Runners come from the `runner_factory` it is given (runtime/runner/protocol.py; the daemon's starts
+  child processes). It watches each runner's `died`: a model whose runner ended without being stopped
+  here (a crash) is forgotten at once, and the next request on it starts a new runner.
 """
 
 from __future__ import annotations

@@ -48,6 +48,7 @@ def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def daemon(tiny_store: Path) -> Iterator[Daemon]:
+    """A live `rkllama-ollama serve` process with runner child processes (tests/support/daemon.py)."""
     with Daemon(tiny_store).start() as server:
         yield server
 
