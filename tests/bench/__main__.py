@@ -15,7 +15,8 @@ shared and noisy. Results are printed and written to tests/bench/results/latest.
    (see tests/bench/conversations.py; `--only conversations` runs just these).
 5. Several users and several models: four parallel streams vs the same four in a row
    (RKLLAMA_NUM_PARALLEL), and a chat model next to an embedding model (RKLLAMA_MAX_LOADED_MODELS); see
-   tests/bench/multi.py. `--only multi` runs just these.
+   tests/bench/multi.py. `--only multi` runs just these; the RKLLM multi-batch figure (batched vs serial
+   on the simulator) also runs alone with `--only multi-batch`.
 6. Vision on the simulators: the daemon's cost per image (door check, decode + preparation, encoder
    call) for 448x448 pictures (see tests/bench/vision.py).
 7. Scale-out: requests per second of three simulated boards behind HAProxy against one board behind
@@ -169,7 +170,14 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument(
         "--only",
-        choices=("all", "conversations", "conversations-llamacpp", "conversations-rkllm", "multi"),
+        choices=(
+            "all",
+            "conversations",
+            "conversations-llamacpp",
+            "conversations-rkllm",
+            "multi",
+            "multi-batch",
+        ),
         default="all",
     )
     args = parser.parse_args()
@@ -185,6 +193,11 @@ def main() -> None:
         (RESULTS / "conversations.json").write_text(json.dumps(results, indent=2) + "\n")
         print(json.dumps(results, indent=2))
         return
+    if args.only == "multi-batch":
+        with tempfile.TemporaryDirectory() as tmp:
+            results["rkllm_multi_batch"] = multi_bench.rkllm_multi_batch(Path(tmp), min(args.rounds, 3))
+        print(json.dumps(results, indent=2))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "models"
         (store / "tiny").mkdir(parents=True)
@@ -194,6 +207,7 @@ def main() -> None:
         chat_model = "smollm2:135m" if smol is not None else "tiny"
         results["parallel_streams"] = multi_bench.parallel_streams(store, chat_model, args.rounds, 64)
         results["resident_pairs"] = multi_bench.resident_pairs(store, chat_model, args.rounds)
+        results["rkllm_multi_batch"] = multi_bench.rkllm_multi_batch(Path(tmp) / "batch", min(args.rounds, 3))
         if args.only == "multi":
             print(json.dumps(results, indent=2))
             return
