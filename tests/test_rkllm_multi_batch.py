@@ -344,3 +344,21 @@ def test_n_batch_limits(
     assert "n_batch 17 is more than the maximum (16)" in capfd.readouterr().err
     assert raw(family, 9).init_rc == 0
     assert "n_batch 9 is more than the recommended 8" in capfd.readouterr().err
+
+
+def test_closing_ends_the_run_under_way_as_aborted(sims: dict[str, Path], tmp_path: Path) -> None:
+    model = write_model(tmp_path / "slow", reply="x" * 400, token_delay_ms=5)
+    spec = LoadSpec(engine="rkllm", model_path=str(model), num_ctx=4096, parallel=2)
+    session = RkllmRuntime(str(sims["F"])).load(spec)
+    started = threading.Event()
+    outcome: list[Any] = []
+
+    def request() -> None:
+        outcome.append(session.generate("go", SamplingOptions(), lambda _piece: started.set()))
+
+    thread = threading.Thread(target=request)
+    thread.start()
+    assert started.wait(10)
+    session.close()
+    thread.join(10)
+    assert outcome[0].done_reason == "abort" and 0 < outcome[0].eval_count < 400

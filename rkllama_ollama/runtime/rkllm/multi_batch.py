@@ -387,5 +387,12 @@ class MultiBatchRkllmSession(RkllmSession):
         with self._wake:
             self._closing = True
             self._wake.notify()
+        with self._handle_lock:  # a run under way ends at its next step
+            run = self._batch
+            if run is not None and self._handle.value:
+                for request in run.requests:
+                    request.end("abort")
+                run.abort_sent = True
+                self._lib.rkllm_abort(self._handle)
         self._thread.join()
         super().close()
