@@ -51,6 +51,7 @@ class Settings:
     max_queue: int = 64  # requests waiting for the session; more -> 503
     max_loaded_models: int = 3  # RKLLAMA_MAX_LOADED_MODELS: models resident at once (one .rkllm at most)
     num_parallel: int = 1  # RKLLAMA_NUM_PARALLEL: sequences a llama.cpp model serves at once
+    rkllm_multi_batch: bool = False  # RKLLAMA_RKLLM_MULTI_BATCH: NUM_PARALLEL for .rkllm (E/F n_batch)
     num_threads: int = 0  # llama.cpp threads, 0 = one per fastest usable core (runtime/cpus.py)
     cpus: tuple[int, ...] = ()  # RKLLAMA_CPUS: cores llama.cpp is pinned to; () = the fastest usable
     default_num_ctx: int = 4096
@@ -154,6 +155,7 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> Settings:
         max_queue=_int(env, "RKLLAMA_MAX_QUEUE", base.max_queue),
         max_loaded_models=_positive(env, "MAX_LOADED_MODELS", base.max_loaded_models),
         num_parallel=_positive(env, "NUM_PARALLEL", base.num_parallel),
+        rkllm_multi_batch=_bool(env, "RKLLAMA_RKLLM_MULTI_BATCH", base.rkllm_multi_batch),
         num_threads=_int(env, "RKLLAMA_NUM_THREADS", base.num_threads),
         cpus=cpus,
         max_body_bytes=_int(env, "RKLLAMA_MAX_BODY_MB", base.max_body_bytes // 2**20) * 2**20,

@@ -21,6 +21,7 @@ from rkllama_ollama.api.app import create_app
 from rkllama_ollama.api.context import CONTEXT_KEY
 from rkllama_ollama.config import Settings
 from rkllama_ollama.notify import Notifier
+from rkllama_ollama.runtime.base import RKLLM_MAX_BATCH
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,13 @@ async def serve(settings: Settings, notifier: Notifier | None = None) -> int:
         settings.port,
         settings.models_dir,
     )
+    if settings.rkllm_multi_batch:
+        log.warning(
+            "RKLLM multi-batch is on (experimental, unproven on a board): .rkllm models on runtime 1.2.1+ "
+            "serve up to %d requests per run%s",
+            min(settings.num_parallel, RKLLM_MAX_BATCH),
+            "; RKLLAMA_NUM_PARALLEL is 1, so it has no effect" if settings.num_parallel < 2 else "",
+        )
     notifier.ready(f"listening on {settings.host}:{settings.port}")
 
     stop = asyncio.Event()

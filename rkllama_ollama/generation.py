@@ -27,6 +27,7 @@ from rkllama_ollama.models.tokenizer_fetch import TokenizerFetcher
 from rkllama_ollama.options import layer_options, sampling_from
 from rkllama_ollama.runtime.base import (
     IMAGE_TAG,
+    RKLLM_MAX_BATCH,
     ContextOverflow,
     GenerationStats,
     InvalidInput,
@@ -258,6 +259,7 @@ class Generator:
         observer: GenerationObserver | None = None,
         kv_cache: KvCacheSettings | None = None,
         num_parallel: int = 1,
+        rkllm_multi_batch: bool = False,
     ) -> None:
         self.scheduler = scheduler
         self.default_num_ctx = default_num_ctx
@@ -265,6 +267,7 @@ class Generator:
         self.cpus = cpus
         self.kv_cache = kv_cache or KvCacheSettings()
         self.num_parallel = num_parallel
+        self.rkllm_multi_batch = rkllm_multi_batch
         self.observer: GenerationObserver = observer or NullObserver()
         # Downloads missing tokenizer files of RKLLama-style models once (set by the app; None: never).
         self.tokenizers: TokenizerFetcher | None = None
@@ -308,10 +311,17 @@ class Generator:
             ),
             kv_cache_slots=self.kv_cache.slots,
             kv_cache_ram_mb=self.kv_cache.ram_mb,
-            # Several sequences in one llama.cpp context (runtime/batched.py); embeddings stay serial.
-            parallel=self.num_parallel if entry.format != "rkllm" and not embedding else 1,
+            parallel=self._parallel_for(entry, embedding),
             vision=entry.vision_settings(),
         )
+
+    def _parallel_for(self, entry: ModelEntry, embedding: bool) -> int:
+        """Sequences one load serves at once: several in one llama.cpp context (runtime/batched.py;
+        embedding loads stay serial); for .rkllm only with RKLLAMA_RKLLM_MULTI_BATCH, as the runtime's
+        n_batch, at most 8 (runtime/rkllm/multi_batch.py; runtimes before 1.2.1 serve one at a time)."""
+        if entry.format == "rkllm":
+            return min(self.num_parallel, RKLLM_MAX_BATCH) if self.rkllm_multi_batch else 1
+        return 1 if embedding else self.num_parallel
 
     async def embed(
         self,

@@ -54,3 +54,11 @@ def test_resident_models_and_parallel_slots_with_their_ollama_twins(suffix: str,
         settings_from_env({f"RKLLAMA_{suffix}": "0"})
     with pytest.raises(ConfigError, match=f"OLLAMA_{suffix} must be an integer, got 'x'"):
         settings_from_env({f"OLLAMA_{suffix}": "x"})
+
+
+def test_rkllm_multi_batch_is_off_unless_switched_on() -> None:
+    assert settings_from_env({}).rkllm_multi_batch is False
+    assert settings_from_env({"RKLLAMA_RKLLM_MULTI_BATCH": "on"}).rkllm_multi_batch is True
+    assert settings_from_env({"RKLLAMA_RKLLM_MULTI_BATCH": "0"}).rkllm_multi_batch is False
+    with pytest.raises(ConfigError, match="RKLLAMA_RKLLM_MULTI_BATCH must be true or false, got 'maybe'"):
+        settings_from_env({"RKLLAMA_RKLLM_MULTI_BATCH": "maybe"})

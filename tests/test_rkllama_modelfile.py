@@ -232,3 +232,20 @@ def test_generator_maps_rkllama_keys_into_the_load_and_the_think_default(tmp_pat
     assert Generator.default_think(thinking) is True  # type: ignore[arg-type]
     unset = _entry(tmp_path, RKLLAMA_TEXT.replace("ENABLE_THINKING=False", ""), "u")
     assert Generator.default_think(unset) is None  # type: ignore[arg-type]  # no template: cannot think
+
+
+def test_multi_batch_asks_rkllm_loads_for_n_batch_copies_only_when_switched_on(tmp_path: Path) -> None:
+    from rkllama_ollama.generation import Generator
+    from rkllama_ollama.models.store import ModelEntry
+    from rkllama_ollama.residency import estimated_bytes
+
+    entry = _entry(tmp_path, 'FROM="Qwen3-1.7B-rk3588-w8a8.rkllm"\n')
+    assert isinstance(entry, ModelEntry)
+    off = Generator(None, default_num_ctx=4096, num_threads=0, num_parallel=4)  # type: ignore[arg-type]
+    on = Generator(None, default_num_ctx=4096, num_threads=0, num_parallel=4, rkllm_multi_batch=True)  # type: ignore[arg-type]
+    wide = Generator(None, default_num_ctx=4096, num_threads=0, num_parallel=12, rkllm_multi_batch=True)  # type: ignore[arg-type]
+    assert off.load_spec(entry, {}).parallel == 1
+    assert on.load_spec(entry, {}).parallel == 4
+    assert wide.load_spec(entry, {}).parallel == 8  # the vendor's recommended n_batch at most
+    # residency counts one KV cache per batch element
+    assert estimated_bytes(entry, on.load_spec(entry, {})) > estimated_bytes(entry, off.load_spec(entry, {}))

@@ -151,8 +151,8 @@ def _all_fields(cls: type) -> list[tuple[str, type]]:
     return pairs
 
 
-def compile_probe(family_letter: str, out_dir: Path) -> dict[str, tuple[int, dict[str, tuple[int, int]]]]:
-    """gcc sim_probe.c against the simulator's rkllm.h; struct -> (sizeof, field -> (offset, size))."""
+def probe_output(family_letter: str, out_dir: Path) -> str:
+    """What sim_probe.c, compiled by gcc against the simulator's rkllm.h for the family, prints."""
     binary = out_dir / f"probe-{family_letter}"
     subprocess.run(
         [
@@ -167,10 +167,16 @@ def compile_probe(family_letter: str, out_dir: Path) -> dict[str, tuple[int, dic
         ],
         check=True,
     )
-    output = subprocess.run([str(binary)], check=True, capture_output=True, text=True).stdout
+    return subprocess.run([str(binary)], check=True, capture_output=True, text=True).stdout
+
+
+def compile_probe(family_letter: str, out_dir: Path) -> dict[str, tuple[int, dict[str, tuple[int, int]]]]:
+    """The probe's structs: struct -> (sizeof, field -> (offset, size))."""
     structs: dict[str, tuple[int, dict[str, tuple[int, int]]]] = {}
-    for line in output.splitlines():
+    for line in probe_output(family_letter, out_dir).splitlines():
         parts = line.split()
+        if parts[0] == "array":
+            continue
         if len(parts) == 2:
             structs[parts[0]] = (int(parts[1]), {})
         else:
@@ -268,3 +274,23 @@ def test_callback_return_type_per_family_including_d_prime() -> None:
     assert layout_for(Family.C).ResultCallback._restype_ is None
     assert layout_for(Family.E).ResultCallback._restype_ is ctypes.c_int
     assert layout_for(Family.F).ResultCallback._restype_ is ctypes.c_int
+
+
+@pytest.mark.parametrize("family", [Family.E, Family.F], ids=lambda f: f.name)
+def test_multi_batch_arrays_have_the_c_stride(family: Family, tmp_path: Path) -> None:
+    """rkllm_run reads n_batch consecutive RKLLMInput and the callback gets n_batch RKLLMResult: a
+    ctypes array of the family's structs must put element i where C puts it."""
+    layout = layout_for(family)
+    arrays = [line.split() for line in probe_output(SIM_FAMILIES[family], tmp_path).splitlines()]
+    measured = {
+        parts[1]: (int(parts[2]), int(parts[3]), int(parts[4])) for parts in arrays if parts[0] == "array"
+    }
+    inputs = (layout.Input * 4)()
+    results = (layout.Result * 4)()
+    base = ctypes.addressof(inputs)
+    n_tokens = (
+        ctypes.addressof(inputs[3]) + layout.Input.token_input.offset + layout.TokenInput.n_tokens.offset
+    )
+    assert measured["RKLLMInput"] == (4, ctypes.sizeof(inputs), n_tokens - base)
+    token_id = ctypes.addressof(results[3]) + layout.Result.token_id.offset
+    assert measured["RKLLMResult"] == (4, ctypes.sizeof(results), token_id - ctypes.addressof(results))

@@ -33,6 +33,10 @@
  *                             (a byte-level BPE token may hold part of a UTF-8 character)
  *   eos_id=<int>              end-of-turn token: sampled after the reply, it ends the run without a
  *                             callback (skip_special_token) but stays in the KV cache (-1 = none)
+ *   reply_by_input=<0|1>      the reply depends on what the model read: `reply` cut short and followed
+ *                             by " #<hash>" (see input_reply), one token per byte; replaces reply_ids
+ *   batch_step_percent=<int>  multi-batch: each active element beyond the first adds this % of
+ *                             token_delay_ms to a step (default 0)
  *
  * A C simulator cannot run a Hugging Face tokenizer, so the test/bench tooling tokenizes the reply
  * with the model's tokenizer and writes reply_ids/reply_pieces/eos_id (tests/rkllm_support/sim.py).
@@ -48,6 +52,9 @@
  * WAITING until a UTF-8 character is complete; FINISH (with perf on E/F) or ERROR; abort at the
  * next step; keep_history keeps a KV cache whose token contents are tracked; the context limit is
  * enforced with ERROR.
+ *
+ * Multi-batch (E/F): extend_param.n_batch up to 16 (more than 8 draws a warning); rkllm_run then reads
+ * n_batch RKLLMInput and the callback gets n_batch RKLLMResult per step (see the multi-batch section).
  *
  * Prompt-cache files (all families): RKLLMInferParam.prompt_cache_params {save_prompt_cache=1, path}
  * writes the KV cache as it stands after the run's prefill (history + this input) to the file;
@@ -76,6 +83,8 @@
 #define SIM_VOCAB_SIZE 256
 #define SIM_DEFAULT_EMBD 64
 #define SIM_DEFAULT_CONTEXT 4096
+#define SIM_MAX_BATCH 16         /* extend_param.n_batch accepted up to this */
+#define SIM_RECOMMENDED_BATCH 8  /* what the vendor documentation recommends at most */
 
 /* The version literal sits in .rodata on its own, as in the vendor's library (whose banner format
  * string takes the version as a %s argument): a reader can find it without running rkllm_init. */
@@ -106,7 +115,15 @@ typedef struct {
     size_t n_reply_ids;
     size_t n_reply_pieces;
     int32_t eos_id;
+    int reply_by_input;     /* the reply is derived from the KV contents after prefill (input_reply) */
+    long batch_step_percent; /* multi-batch: each extra active element adds this % of token_delay_ms */
 } SimModel;
+
+typedef struct {
+    int32_t *tokens;
+    int pos;
+    int capacity;
+} SimKv; /* the KV contents of one batch element (multi-batch) */
 
 typedef struct {
     RKLLMInputType input_type;
@@ -149,6 +166,9 @@ typedef struct {
     int kv_capacity;
     int32_t *prompt_cache; /* tokens of the loaded prompt-cache file (NULL: none) */
     int n_prompt_cache;
+    int n_batch;          /* extend_param.n_batch (1 before family E) */
+    SimJob *batch_jobs;   /* n_batch > 1: one job per batch element */
+    SimKv *batch_kv;      /* n_batch > 1: one KV cache per batch element */
 } SimHandle;
 
 static double now_ms(void) {
@@ -446,6 +466,10 @@ static int parse_model_file(const char *path, SimModel *model) {
                                                                    : SIM_FAULT_NONE;
         } else if (strcmp(key, "target_platform") == 0) {
             snprintf(model->target_platform, sizeof model->target_platform, "%s", value);
+        } else if (strcmp(key, "reply_by_input") == 0) {
+            model->reply_by_input = atoi(value);
+        } else if (strcmp(key, "batch_step_percent") == 0) {
+            model->batch_step_percent = atol(value);
         } else if (strcmp(key, "embd_size") == 0) {
             model->embd_size = atoi(value) > 0 ? atoi(value) : SIM_DEFAULT_EMBD;
         } else {
@@ -463,6 +487,27 @@ static int parse_model_file(const char *path, SimModel *model) {
     free(line);
     fclose(f);
     return 0;
+}
+
+/* reply_by_input=1: `reply` cut short and followed by " #xxxxxxxx", both from the FNV-1a hash of the
+ * KV contents after prefill (history + input). The answer depends on everything the model read, as a
+ * real one does, so a test can tell whose answer is whose, and different inputs give different
+ * lengths (in a multi-batch run, elements then finish at different steps). */
+static char *input_reply(const SimModel *model, const int32_t *kv, int n) {
+    uint32_t hash = 2166136261u;
+    for (int i = 0; i < n; i++) {
+        for (int b = 0; b < 4; b++) {
+            hash = (hash ^ (((uint32_t)kv[i] >> (8 * b)) & 0xffu)) * 16777619u;
+        }
+    }
+    size_t keep = model->reply_len - hash % (model->reply_len / 2 + 1);
+    while (keep > 0 && keep < model->reply_len && ((unsigned char)model->reply[keep] & 0xC0) == 0x80) {
+        keep--; /* never cut a UTF-8 character */
+    }
+    char *text = malloc(keep + 16);
+    memcpy(text, model->reply, keep);
+    snprintf(text + keep, 16, " #%08x", hash);
+    return text;
 }
 
 /* ---------------------------------------------------------------- callbacks */
@@ -564,6 +609,9 @@ static void run_generate(SimHandle *h, SimJob *job, size_t n_input) {
     kv_truncate(h, start);
     size_t n_given = job->input_type == RKLLM_INPUT_TOKEN ? job->n_tokens : job->n_bytes;
     kv_append_input(h, job, n_input - n_given);
+    if (h->model.reply_by_input && !job->mm_reply) {
+        job->mm_reply = input_reply(&h->model, h->kv_tokens, h->kv_pos);
+    }
     int reused = prompt_cache_reuse(h, start, h->kv_pos);
     long prefilled = (long)n_input - reused;
     double t0 = now_ms();
@@ -599,7 +647,7 @@ static void run_generate(SimHandle *h, SimJob *job, size_t n_input) {
         int32_t id;
         const unsigned char *piece;
         size_t len;
-        if (job->mm_reply) { /* multimodal answer: one token per byte of the derived text */
+        if (job->mm_reply) { /* multimodal or input-derived answer: one token per byte of the text */
             id = (unsigned char)job->mm_reply[i];
             piece = (const unsigned char *)job->mm_reply + i;
             len = 1;
@@ -794,8 +842,7 @@ static int sim_mm_prepare(const SimHandle *h, SimJob *job, const RKLLMMultiModal
 }
 
 /* Copy what the caller passed: the worker must not depend on caller memory (needed for run_async). */
-static int prepare_job(SimHandle *h, RKLLMInput *input, RKLLMInferParam *infer, void *userdata) {
-    SimJob *job = &h->job;
+static int prepare_job(SimHandle *h, SimJob *job, RKLLMInput *input, RKLLMInferParam *infer, void *userdata) {
     free_job(job);
     job->input_type = input->input_type;
 #if RKLLM_SIM_AT_LEAST(E)
@@ -864,6 +911,296 @@ static int prepare_job(SimHandle *h, RKLLMInput *input, RKLLMInferParam *infer, 
     return 0;
 }
 
+/* ---------------------------------------------------------------- multi-batch (E/F, n_batch > 1) */
+/* rkllm_run reads an array of n_batch RKLLMInput; each callback gets an array of n_batch RKLLMResult
+ * (one step of every element); an element that has finished reports token_id -1 and text NULL while
+ * the others go on, and the run ends when all have. Each element has its own KV cache (keep_history,
+ * rkllm_get_kv_cache_size and ranged rkllm_clear_kv_cache work per element). One step costs
+ * token_delay_ms plus batch_step_percent % of it for each extra active element; the prefill costs
+ * prefill_us_per_token for every element's tokens. */
+
+#if RKLLM_SIM_AT_LEAST(E)
+static void batch_kv_append(SimKv *kv, int32_t id) {
+    if (kv->pos >= kv->capacity) {
+        int capacity = kv->capacity ? kv->capacity * 2 : 1024;
+        kv->tokens = realloc(kv->tokens, sizeof(int32_t) * (size_t)capacity);
+        kv->capacity = capacity;
+    }
+    kv->tokens[kv->pos++] = id;
+}
+
+/* What can be checked of element `index`: past the end of a single struct the runtime reads whatever
+ * follows it (an out-of-bounds read on the device); invalid types and NULL or oversized inputs show. */
+static int batch_input_ok(const SimHandle *h, const RKLLMInput *input, int index) {
+    const char *hint = index > 0 ? " (rkllm_run reads n_batch consecutive RKLLMInput: was a single one passed?)" : "";
+    switch (input->input_type) {
+    case RKLLM_INPUT_PROMPT:
+        if (!input->prompt_input) {
+            fprintf(stderr, "E rkllm: batch input %d of %d: prompt is NULL%s\n", index, h->n_batch, hint);
+            return 0;
+        }
+        return 1;
+    case RKLLM_INPUT_TOKEN:
+        if (!input->token_input.input_ids || input->token_input.n_tokens == 0 ||
+            input->token_input.n_tokens > (size_t)h->context_limit) {
+            fprintf(stderr, "E rkllm: batch input %d of %d: %zu token ids at %p%s\n", index, h->n_batch,
+                    input->token_input.n_tokens, (void *)input->token_input.input_ids, hint);
+            return 0;
+        }
+        return 1;
+    case RKLLM_INPUT_EMBED:
+    case RKLLM_INPUT_MULTIMODAL:
+        fprintf(stderr, "E rkllm: batch input %d of %d: input type %d is not simulated in multi-batch\n", index,
+                h->n_batch, (int)input->input_type);
+        return 0;
+    default:
+        fprintf(stderr, "E rkllm: batch input %d of %d: invalid input type %d%s\n", index, h->n_batch,
+                (int)input->input_type, hint);
+        return 0;
+    }
+}
+
+static int prepare_batch(SimHandle *h, RKLLMInput *inputs, RKLLMInferParam *infer, void *userdata) {
+    if (infer->mode == RKLLM_INFER_GET_LOGITS) {
+        fprintf(stderr, "E rkllm: logits mode is not simulated in multi-batch\n");
+        return -1;
+    }
+    for (int i = 0; i < h->n_batch; i++) {
+        if (!batch_input_ok(h, &inputs[i], i) || prepare_job(h, &h->batch_jobs[i], &inputs[i], infer, userdata) != 0) {
+            return -1;
+        }
+        if (h->batch_jobs[i].save_prompt_cache) {
+            fprintf(stderr, "E rkllm: prompt-cache saving is not simulated in multi-batch\n");
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static void deliver_batch(SimHandle *h, RKLLMResult *results, LLMCallState state, int *ret) {
+    int r = deliver(h, results, h->batch_jobs[0].userdata, state);
+    if (ret) {
+        *ret = r;
+    }
+}
+
+static void batch_fail(SimHandle *h, RKLLMResult *results) {
+    memset(results, 0, sizeof(RKLLMResult) * (size_t)h->n_batch);
+    for (int i = 0; i < h->n_batch; i++) {
+        results[i].token_id = -1;
+    }
+    deliver_batch(h, results, RKLLM_RUN_ERROR, NULL);
+    h->last_status = -1;
+}
+
+static size_t job_input_count(const SimJob *job) {
+    return job->input_type == RKLLM_INPUT_TOKEN ? job->n_tokens : job->n_bytes;
+}
+
+static void run_batch_hidden(SimHandle *h, RKLLMResult *results) {
+    int n = h->n_batch, embd = h->model.embd_size;
+    float *states[SIM_MAX_BATCH] = {0};
+    memset(results, 0, sizeof(RKLLMResult) * (size_t)n);
+    for (int i = 0; i < n; i++) {
+        const SimJob *job = &h->batch_jobs[i];
+        size_t n_input = job_input_count(job);
+        states[i] = malloc(sizeof(float) * (size_t)embd * n_input);
+        for (size_t t = 0; t < n_input; t++) {
+            hidden_row(job, t, embd, states[i] + t * (size_t)embd);
+        }
+        results[i].token_id = -1;
+        results[i].last_hidden_layer.hidden_states = states[i];
+        results[i].last_hidden_layer.embd_size = embd;
+        results[i].last_hidden_layer.num_tokens = (int)n_input;
+    }
+    deliver_batch(h, results, RKLLM_RUN_NORMAL, NULL);
+    for (int i = 0; i < n; i++) {
+        free(states[i]);
+        h->batch_kv[i].pos = 0; /* single-turn: every element's cache is dropped */
+    }
+    memset(results, 0, sizeof(RKLLMResult) * (size_t)n);
+    deliver_batch(h, results, RKLLM_RUN_FINISH, NULL);
+    h->last_status = 0;
+}
+
+typedef struct {
+    size_t n_input;
+    size_t n_reply;
+    long generated;
+    int active;
+    int natural; /* ended by its reply's end (the end-of-turn token is then held) */
+    unsigned char *pending;
+    size_t n_pending;
+} SimElement;
+
+static void run_batch_generate(SimHandle *h, RKLLMResult *results) {
+    int n = h->n_batch;
+    SimElement el[SIM_MAX_BATCH];
+    memset(el, 0, sizeof el);
+    long total_input = 0;
+    for (int i = 0; i < n; i++) {
+        SimJob *job = &h->batch_jobs[i];
+        int start = job->keep_history ? h->batch_kv[i].pos : 0;
+        el[i].n_input = job_input_count(job) + template_tokens(h, job, start);
+        if (el[i].n_input == 0 || (size_t)start + el[i].n_input >= (size_t)h->context_limit) {
+            fprintf(stderr, "E rkllm: batch input %d: prompt gather than max context (prompt: %zu tokens, max context: %d)\n",
+                    i, (size_t)start + el[i].n_input, h->context_limit);
+            batch_fail(h, results);
+            return;
+        }
+    }
+    for (int i = 0; i < n; i++) {
+        SimJob *job = &h->batch_jobs[i];
+        SimKv *kv = &h->batch_kv[i];
+        kv->pos = job->keep_history ? kv->pos : 0;
+        for (size_t t = job_input_count(job); t < el[i].n_input; t++) {
+            batch_kv_append(kv, 0); /* the runtime's own template tokens */
+        }
+        for (size_t t = 0; t < job_input_count(job); t++) {
+            batch_kv_append(kv, job->input_type == RKLLM_INPUT_TOKEN ? job->tokens[t] : job->bytes[t]);
+        }
+        if (h->model.reply_by_input) {
+            job->mm_reply = input_reply(&h->model, kv->tokens, kv->pos);
+        }
+        el[i].n_reply = job->mm_reply ? strlen(job->mm_reply) : reply_token_count(&h->model);
+        el[i].active = el[i].natural = 1;
+        total_input += (long)el[i].n_input;
+    }
+    double t0 = now_ms();
+    sleep_us(h->model.prefill_us_per_token * total_input);
+    double t1 = now_ms();
+    int max_new = h->batch_jobs[0].max_new_tokens;
+    int stopped = 0;
+    for (size_t step = 0;; step++) {
+        if (atomic_load(&h->abort_requested)) {
+            for (int i = 0; i < n; i++) {
+                free(el[i].pending);
+            }
+            h->last_status = 0;
+            return; /* aborted: no terminal callback */
+        }
+        int active = 0;
+        for (int i = 0; i < n; i++) {
+            if (!el[i].active) {
+                continue;
+            }
+            if (step >= el[i].n_reply) {
+                el[i].active = 0;
+            } else if ((max_new > 0 && el[i].generated >= max_new) || h->batch_kv[i].pos >= h->context_limit) {
+                el[i].active = el[i].natural = 0;
+            } else {
+                active++;
+            }
+        }
+        if (active == 0) {
+            break;
+        }
+        if (h->model.crash_after_tokens >= 0 && (long)step >= h->model.crash_after_tokens) {
+            fprintf(stderr, "E rkllm: simulated crash after %zu steps\n", step);
+            fflush(stderr);
+            raise(SIGSEGV);
+        }
+        sleep_us(h->model.token_delay_ms * 10 * (100 + h->model.batch_step_percent * (active - 1)));
+        char *texts[SIM_MAX_BATCH] = {0};
+        size_t lens[SIM_MAX_BATCH] = {0};
+        memset(results, 0, sizeof(RKLLMResult) * (size_t)n);
+        for (int i = 0; i < n; i++) {
+            results[i].token_id = -1; /* finished: token_id -1, text NULL */
+            if (!el[i].active) {
+                continue;
+            }
+            SimJob *job = &h->batch_jobs[i];
+            int32_t id;
+            const unsigned char *piece;
+            size_t len;
+            if (job->mm_reply) {
+                id = (unsigned char)job->mm_reply[step];
+                piece = (const unsigned char *)job->mm_reply + step;
+                len = 1;
+            } else {
+                reply_token(&h->model, step, &id, &piece, &len);
+            }
+            batch_kv_append(&h->batch_kv[i], id);
+            el[i].generated++;
+            el[i].pending = realloc(el[i].pending, el[i].n_pending + len + 1);
+            memcpy(el[i].pending + el[i].n_pending, piece, len);
+            el[i].n_pending += len;
+            size_t complete = utf8_complete_length(el[i].pending, el[i].n_pending);
+            if (complete == 0 && el[i].n_pending >= 4) {
+                complete = el[i].n_pending;
+            }
+            results[i].token_id = id;
+            if (complete > 0) { /* else text stays NULL until the character is complete */
+                texts[i] = malloc(complete + 1);
+                memcpy(texts[i], el[i].pending, complete);
+                texts[i][complete] = '\0';
+                lens[i] = complete;
+                memmove(el[i].pending, el[i].pending + complete, el[i].n_pending - complete);
+                el[i].n_pending -= complete;
+                results[i].text = texts[i];
+            }
+        }
+        int ret = 0;
+        deliver_batch(h, results, RKLLM_RUN_NORMAL, &ret);
+        for (int i = 0; i < n; i++) {
+            if (texts[i]) {
+                memset(texts[i], 0, lens[i]); /* the pointers die with the callback */
+                free(texts[i]);
+            }
+        }
+        if (ret == 1) {
+            stopped = 1;
+            break;
+        }
+    }
+    double t2 = now_ms();
+    memset(results, 0, sizeof(RKLLMResult) * (size_t)n);
+    for (int i = 0; i < n; i++) {
+        free(el[i].pending);
+        if (!stopped && el[i].natural && h->model.eos_id >= 0 && h->batch_kv[i].pos < h->context_limit) {
+            batch_kv_append(&h->batch_kv[i], h->model.eos_id);
+        }
+        results[i].token_id = -1;
+        results[i].perf.prefill_time_ms = (float)(t1 - t0);
+        results[i].perf.prefill_tokens = (int)el[i].n_input;
+        results[i].perf.generate_time_ms = (float)(t2 - t1);
+        results[i].perf.generate_tokens = (int)el[i].generated;
+        results[i].perf.memory_usage_mb = 42.0f * (float)n;
+    }
+    h->paused = stopped;
+    if (!stopped) {
+        deliver_batch(h, results, RKLLM_RUN_FINISH, NULL);
+    }
+    h->last_status = 0;
+}
+
+static void *run_batch_job(void *arg) {
+    SimHandle *h = arg;
+    RKLLMResult results[SIM_MAX_BATCH];
+    h->last_keep_history = h->batch_jobs[0].keep_history;
+    h->paused = 0;
+    if (h->batch_jobs[0].mode == RKLLM_INFER_GENERATE) {
+        run_batch_generate(h, results);
+    } else {
+        run_batch_hidden(h, results);
+    }
+    atomic_store(&h->abort_requested, 0);
+    atomic_store(&h->running, 0);
+    return NULL;
+}
+
+static void free_batch(SimHandle *h) {
+    for (int i = 0; h->batch_jobs && i < h->n_batch; i++) {
+        free_job(&h->batch_jobs[i]);
+        free(h->batch_kv[i].tokens);
+    }
+    free(h->batch_jobs);
+    free(h->batch_kv);
+    h->batch_jobs = NULL;
+    h->batch_kv = NULL;
+}
+#endif
+
 static int start_run(LLMHandle handle, RKLLMInput *input, RKLLMInferParam *infer, void *userdata, int wait) {
     SimHandle *h = handle;
     if (!h || !input || !infer) {
@@ -884,12 +1221,22 @@ static int start_run(LLMHandle handle, RKLLMInput *input, RKLLMInferParam *infer
         pthread_join(h->worker, NULL);
         h->async_worker = 0;
     }
-    if (prepare_job(h, input, infer, userdata) != 0) {
+    void *(*worker)(void *) = run_job;
+#if RKLLM_SIM_AT_LEAST(E)
+    if (h->n_batch > 1) {
+        worker = run_batch_job;
+        if (prepare_batch(h, input, infer, userdata) != 0) {
+            pthread_mutex_unlock(&h->lock);
+            return -1;
+        }
+    } else
+#endif
+        if (prepare_job(h, &h->job, input, infer, userdata) != 0) {
         pthread_mutex_unlock(&h->lock);
         return -1;
     }
     atomic_store(&h->running, 1);
-    if (pthread_create(&h->worker, NULL, run_job, h) != 0) {
+    if (pthread_create(&h->worker, NULL, worker, h) != 0) {
         atomic_store(&h->running, 0);
         pthread_mutex_unlock(&h->lock);
         return -1;
@@ -1036,9 +1383,11 @@ SIM_API int rkllm_init(LLMHandle *handle, RKLLMParam *param, LLMResultCallback c
             return -1;
         }
     }
+    int n_batch = 1;
 #if RKLLM_SIM_AT_LEAST(E)
-    if (param->extend_param.n_batch > 1) {
-        fprintf(stderr, "E rkllm: the simulator supports n_batch = 1 only\n");
+    n_batch = param->extend_param.n_batch ? param->extend_param.n_batch : 1;
+    if (n_batch > SIM_MAX_BATCH) {
+        fprintf(stderr, "E rkllm: n_batch %d is more than the maximum (%d)\n", n_batch, SIM_MAX_BATCH);
         return -1;
     }
 #endif
@@ -1108,6 +1457,18 @@ SIM_API int rkllm_init(LLMHandle *handle, RKLLMParam *param, LLMResultCallback c
     h->prompt_prefix = strdup("<|im_start|>user\n");
     h->prompt_postfix = strdup("<|im_end|>\n<|im_start|>assistant\n");
     pthread_mutex_init(&h->lock, NULL);
+    h->n_batch = n_batch;
+#if RKLLM_SIM_AT_LEAST(E)
+    if (n_batch > 1) {
+        h->batch_jobs = calloc((size_t)n_batch, sizeof(SimJob));
+        h->batch_kv = calloc((size_t)n_batch, sizeof(SimKv));
+        printf("I rkllm: multi-batch: n_batch = %d, one KV cache of %d tokens per batch\n", n_batch, h->context_limit);
+        fflush(stdout);
+        if (n_batch > SIM_RECOMMENDED_BATCH) {
+            fprintf(stderr, "W rkllm: n_batch %d is more than the recommended %d\n", n_batch, SIM_RECOMMENDED_BATCH);
+        }
+    }
+#endif
     *handle = h;
     return 0;
 }
@@ -1125,6 +1486,9 @@ SIM_API int rkllm_destroy(LLMHandle handle) {
     }
     pthread_mutex_unlock(&h->lock);
     free_job(&h->job);
+#if RKLLM_SIM_AT_LEAST(E)
+    free_batch(h);
+#endif
     free_token_state(h);
     free_token_reply(&h->model);
     free(h->model.reply); /* NULL on a broken handle */
@@ -1197,10 +1561,42 @@ static int clear_whole_cache(SimHandle *h, int keep_system_prompt) {
 #endif
 
 #if RKLLM_SIM_AT_LEAST(E)
+/* Multi-batch: the whole cache of every element, or [start_pos[i], end_pos[i]) of element i. */
+static int clear_batch_cache(SimHandle *h, int keep_system_prompt, const int *start_pos, const int *end_pos) {
+    if (!start_pos && !end_pos) {
+        for (int i = 0; i < h->n_batch; i++) {
+            int keep = keep_system_prompt ? h->system_len : 0;
+            h->batch_kv[i].pos = keep < h->batch_kv[i].pos ? keep : h->batch_kv[i].pos;
+        }
+        h->paused = 0;
+        return 0;
+    }
+    if (!start_pos || !end_pos || h->last_keep_history != 0 || !h->paused) {
+        fprintf(stderr, "E rkllm: ranged clear_kv_cache needs keep_history=0 and a paused run\n");
+        return -1;
+    }
+    for (int i = 0; i < h->n_batch; i++) {
+        if (start_pos[i] < 0 || end_pos[i] < start_pos[i] || end_pos[i] > h->batch_kv[i].pos) {
+            fprintf(stderr, "E rkllm: clear_kv_cache range [%d, %d) of batch %d outside its cache (%d)\n",
+                    start_pos[i], end_pos[i], i, h->batch_kv[i].pos);
+            return -1;
+        }
+    }
+    for (int i = 0; i < h->n_batch; i++) {
+        SimKv *kv = &h->batch_kv[i];
+        memmove(kv->tokens + start_pos[i], kv->tokens + end_pos[i], sizeof(int32_t) * (size_t)(kv->pos - end_pos[i]));
+        kv->pos -= end_pos[i] - start_pos[i];
+    }
+    return 0;
+}
+
 SIM_API int rkllm_clear_kv_cache(LLMHandle handle, int keep_system_prompt, int *start_pos, int *end_pos) {
     SimHandle *h = handle;
     if (!h || atomic_load(&h->running)) {
         return -1;
+    }
+    if (h->n_batch > 1) {
+        return clear_batch_cache(h, keep_system_prompt, start_pos, end_pos);
     }
     if (!start_pos && !end_pos) {
         return clear_whole_cache(h, keep_system_prompt);
@@ -1224,6 +1620,12 @@ SIM_API int rkllm_get_kv_cache_size(LLMHandle handle, int *cache_sizes) {
     SimHandle *h = handle;
     if (!h || !cache_sizes) {
         return -1;
+    }
+    if (h->n_batch > 1) { /* the caller provides n_batch ints */
+        for (int i = 0; i < h->n_batch; i++) {
+            cache_sizes[i] = h->batch_kv[i].pos;
+        }
+        return 0;
     }
     cache_sizes[0] = h->kv_pos;
     return 0;

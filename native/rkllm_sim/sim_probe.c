@@ -192,5 +192,17 @@ int main(void) {
     FIELD(RKLLMCallback, embed_callback);
     FIELD(RKLLMCallback, embed_userdata);
 #endif
+
+#if RKLLM_SIM_AT_LEAST(E)
+    /* Multi-batch: rkllm_run reads RKLLMInput[n_batch], the callback gets RKLLMResult[n_batch].
+     * "array <struct> <n> <sizeof the array> <offset of a member of the last element>" */
+    {
+        RKLLMInput inputs[4];
+        RKLLMResult results[4];
+        printf("array RKLLMInput 4 %zu %td\n", sizeof inputs,
+               (char *)&inputs[3].token_input.n_tokens - (char *)inputs);
+        printf("array RKLLMResult 4 %zu %td\n", sizeof results, (char *)&results[3].token_id - (char *)results);
+    }
+#endif
     return 0;
 }

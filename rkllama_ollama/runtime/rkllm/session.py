@@ -746,6 +746,16 @@ class RkllmRuntime:
     def load(self, spec: LoadSpec) -> RkllmSession:
         if not Path(spec.model_path).is_file():
             raise RuntimeFailure(f"model file not found: {spec.model_path}")
+        if spec.parallel > 1:  # RKLLAMA_RKLLM_MULTI_BATCH: several requests per rkllm_run (E/F)
+            from rkllama_ollama.runtime.rkllm.multi_batch import (
+                MultiBatchRkllmSession,
+                multi_batch_unavailable,
+            )
+
+            reason = multi_batch_unavailable(self.library(), spec)
+            if reason is None:
+                return MultiBatchRkllmSession(self.library(), spec)
+            log.warning("%s", reason)
         if spec.vision.get("encoder"):
             from rkllama_ollama.runtime.rkllm.vision_session import VisionRkllmSession
 
