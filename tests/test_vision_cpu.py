@@ -26,6 +26,7 @@ from tests.support.tiny_gguf import write_tiny_gguf, write_tiny_mmproj
 
 PROJECTOR_LOADED = "projector loaded:"
 PICTURE_ENCODED = "picture encoded:"
+ATTENTION = 0.5  # the tiny model's attention strength: pictures must sway its answer
 GREEDY = {"temperature": 0, "seed": 1, "num_predict": 12}
 
 
@@ -59,7 +60,7 @@ def add_vision_model(
 ) -> Path:
     folder = store / name
     folder.mkdir(parents=True)
-    write_tiny_gguf(folder / "tiny.gguf", context_length=512)
+    write_tiny_gguf(folder / "tiny.gguf", context_length=512, attention=ATTENTION)
     write_tiny_mmproj(folder / projector)
     if modelfile is not None:
         (folder / "Modelfile").write_text(modelfile)

@@ -80,7 +80,9 @@ def tiny_vocabulary() -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, [int(t) for t in types]
 
 
-def _tensors(rng: np.random.Generator, n_vocab: int, arch: str) -> dict[str, np.ndarray]:
+def _tensors(
+    rng: np.random.Generator, n_vocab: int, arch: str, attention: float = 0.02
+) -> dict[str, np.ndarray]:
     def random(*shape: int, scale: float = 0.02) -> np.ndarray:
         return (rng.standard_normal(shape) * scale).astype(np.float32)
 
@@ -91,11 +93,11 @@ def _tensors(rng: np.random.Generator, n_vocab: int, arch: str) -> dict[str, np.
         tensors[prefix + "attn_norm.weight"] = ones
         tensors[prefix + "attn_q.weight"] = random(N_EMBD, N_EMBD)
         tensors[prefix + "attn_k.weight"] = random(N_EMBD, N_EMBD)
-        tensors[prefix + "attn_v.weight"] = random(N_EMBD, N_EMBD)
+        tensors[prefix + "attn_v.weight"] = random(N_EMBD, N_EMBD, scale=attention)
         if arch == "qwen2":
             for name in ("attn_q.bias", "attn_k.bias", "attn_v.bias"):
                 tensors[prefix + name] = random(N_EMBD)
-        tensors[prefix + "attn_output.weight"] = random(N_EMBD, N_EMBD)
+        tensors[prefix + "attn_output.weight"] = random(N_EMBD, N_EMBD, scale=attention)
         tensors[prefix + "ffn_norm.weight"] = ones
         tensors[prefix + "ffn_gate.weight"] = random(N_FF, N_EMBD)
         tensors[prefix + "ffn_up.weight"] = random(N_FF, N_EMBD)
@@ -113,12 +115,15 @@ def write_tiny_gguf(
     context_length: int = 512,
     arch: str = "llama",
     embedding: bool = False,
+    attention: float = 0.02,
 ) -> Path:
     """Write the tiny model to `path` and return it.
 
     `arch` is "llama" (default) or "qwen2" (same shapes plus q/k/v biases). `embedding=True`
     declares mean pooling in the metadata, i.e. the file presents itself as an embedding model.
-    `chat_template=None` leaves `tokenizer.chat_template` out.
+    `chat_template=None` leaves `tokenizer.chat_template` out. `attention` scales the attention's value
+    and output weights: at the default the answer hangs almost on the last token alone; the vision tests
+    raise it so that what came before (a picture) sways the answer.
     """
     if arch not in SUPPORTED_ARCHS:
         raise ValueError(f"unsupported arch {arch!r}; choose one of {', '.join(SUPPORTED_ARCHS)}")
@@ -154,7 +159,7 @@ def write_tiny_gguf(
     if chat_template is not None:
         writer.add_chat_template(chat_template)
 
-    for name, tensor in _tensors(rng, len(tokens), arch).items():
+    for name, tensor in _tensors(rng, len(tokens), arch, attention).items():
         writer.add_tensor(name, tensor)
 
     writer.write_header_to_file()
