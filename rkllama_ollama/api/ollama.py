@@ -41,8 +41,8 @@ from rkllama_ollama.generation import (
 )
 from rkllama_ollama.model_admin import BaseModelNotFound, BlobNotFound, copy_model, create_model, delete_model
 from rkllama_ollama.models.blobs import BlobError
-from rkllama_ollama.models.facts import gguf_whole_arrays_and_tensors
-from rkllama_ollama.models.gguf_meta import GGUFError
+from rkllama_ollama.models.facts import gguf_whole_arrays_and_tensors, show_model_info
+from rkllama_ollama.models.gguf_meta import GGUFError, read_gguf_metadata
 from rkllama_ollama.models.names import InvalidModelName, parse_name
 from rkllama_ollama.models.store import ModelEntry, ModelNotFound, StoreError
 from rkllama_ollama.options import OptionError, validate_options
@@ -186,7 +186,15 @@ def parse_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def projector_info(encoder: Path) -> dict[str, Any]:
-    """What is known of a vision encoder without loading it: its runtime, file and size."""
+    """What is known of a vision encoder without loading it: a GGUF projector's metadata (as Ollama
+    shows it: `general.architecture` clip, `clip.*`, long arrays cut), else an RKNN encoder's runtime,
+    file and size."""
+    if encoder.name.lower().endswith(".gguf"):
+        try:
+            return show_model_info(read_gguf_metadata(encoder, max_array_items=16))
+        except (GGUFError, OSError) as exc:
+            log.warning("projector unreadable path=%s error=%s", encoder, exc)
+            return {}
     try:
         size = encoder.stat().st_size
     except OSError:
@@ -220,6 +228,9 @@ def details_of(entry: ModelEntry) -> dict[str, Any]:
     for key in ("parent_model", "format", "family", "parameter_size", "quantization_level"):
         details[key] = str(details.get(key) or "")
     details["families"] = details.get("families") or ([details["family"]] if details["family"] else None)
+    if entry.vision_encoder is not None and entry.vision_encoder.name.lower().endswith(".gguf"):
+        # Like Ollama for a model with a projector: its family ("clip") joins the model's.
+        details["families"] = [*(details["families"] or []), "clip"]
     return details
 
 
@@ -371,7 +382,7 @@ class OllamaApi:
         if tensors is not None:
             reply["tensors"] = tensors
         if entry.vision_encoder is not None:  # like Ollama's projector_info for a model with a projector
-            reply["projector_info"] = projector_info(entry.vision_encoder)
+            reply["projector_info"] = await asyncio.to_thread(projector_info, entry.vision_encoder)
         return wire.json_response(reply)
 
     async def ps(self, request: web.Request) -> web.Response:

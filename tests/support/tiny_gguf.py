@@ -80,7 +80,9 @@ def tiny_vocabulary() -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, [int(t) for t in types]
 
 
-def _tensors(rng: np.random.Generator, n_vocab: int, arch: str) -> dict[str, np.ndarray]:
+def _tensors(
+    rng: np.random.Generator, n_vocab: int, arch: str, attention: float = 0.02
+) -> dict[str, np.ndarray]:
     def random(*shape: int, scale: float = 0.02) -> np.ndarray:
         return (rng.standard_normal(shape) * scale).astype(np.float32)
 
@@ -91,11 +93,11 @@ def _tensors(rng: np.random.Generator, n_vocab: int, arch: str) -> dict[str, np.
         tensors[prefix + "attn_norm.weight"] = ones
         tensors[prefix + "attn_q.weight"] = random(N_EMBD, N_EMBD)
         tensors[prefix + "attn_k.weight"] = random(N_EMBD, N_EMBD)
-        tensors[prefix + "attn_v.weight"] = random(N_EMBD, N_EMBD)
+        tensors[prefix + "attn_v.weight"] = random(N_EMBD, N_EMBD, scale=attention)
         if arch == "qwen2":
             for name in ("attn_q.bias", "attn_k.bias", "attn_v.bias"):
                 tensors[prefix + name] = random(N_EMBD)
-        tensors[prefix + "attn_output.weight"] = random(N_EMBD, N_EMBD)
+        tensors[prefix + "attn_output.weight"] = random(N_EMBD, N_EMBD, scale=attention)
         tensors[prefix + "ffn_norm.weight"] = ones
         tensors[prefix + "ffn_gate.weight"] = random(N_FF, N_EMBD)
         tensors[prefix + "ffn_up.weight"] = random(N_FF, N_EMBD)
@@ -113,12 +115,15 @@ def write_tiny_gguf(
     context_length: int = 512,
     arch: str = "llama",
     embedding: bool = False,
+    attention: float = 0.02,
 ) -> Path:
     """Write the tiny model to `path` and return it.
 
     `arch` is "llama" (default) or "qwen2" (same shapes plus q/k/v biases). `embedding=True`
     declares mean pooling in the metadata, i.e. the file presents itself as an embedding model.
-    `chat_template=None` leaves `tokenizer.chat_template` out.
+    `chat_template=None` leaves `tokenizer.chat_template` out. `attention` scales the attention's value
+    and output weights: at the default the answer hangs almost on the last token alone; the vision tests
+    raise it so that what came before (a picture) sways the answer.
     """
     if arch not in SUPPORTED_ARCHS:
         raise ValueError(f"unsupported arch {arch!r}; choose one of {', '.join(SUPPORTED_ARCHS)}")
@@ -154,9 +159,86 @@ def write_tiny_gguf(
     if chat_template is not None:
         writer.add_chat_template(chat_template)
 
-    for name, tensor in _tensors(rng, len(tokens), arch).items():
+    for name, tensor in _tensors(rng, len(tokens), arch, attention).items():
         writer.add_tensor(name, tensor)
 
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+# A tiny LLaVA-style projector for the tiny model: a CLIP vision tower (32x32 pictures, 8x8 patches,
+# so 16 image tokens, width 32, 2 blocks of which llava uses the first) and the two-layer MLP
+# projector into the model's embedding width. Random F32 weights; llama.cpp's multimodal library loads
+# it like any `mmproj*.gguf`.
+MMPROJ_IMAGE_SIZE = 32
+MMPROJ_PATCH_SIZE = 8
+MMPROJ_TOKENS = (MMPROJ_IMAGE_SIZE // MMPROJ_PATCH_SIZE) ** 2
+_V_EMBD = 32
+_V_HEAD = 4
+_V_FF = 64
+_V_LAYER = 2
+
+
+def _mmproj_tensors(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    def random(*shape: int, scale: float = 0.5) -> np.ndarray:
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    ones = np.ones(_V_EMBD, dtype=np.float32)
+    zeros = np.zeros(_V_EMBD, dtype=np.float32)
+    n_pos = MMPROJ_TOKENS + 1  # the patches and the class embedding
+    tensors: dict[str, np.ndarray] = {
+        "v.patch_embd.weight": random(_V_EMBD, 3, MMPROJ_PATCH_SIZE, MMPROJ_PATCH_SIZE, scale=0.2),
+        "v.patch_embd.bias": random(_V_EMBD, scale=0.1),
+        "v.class_embd": random(_V_EMBD),
+        "v.position_embd.weight": random(n_pos, _V_EMBD, scale=0.1),
+        "v.pre_ln.weight": ones,
+        "v.pre_ln.bias": zeros,
+    }
+    for block in range(_V_LAYER):
+        prefix = f"v.blk.{block}."
+        for name in ("attn_q", "attn_k", "attn_v", "attn_out"):
+            tensors[prefix + name + ".weight"] = random(_V_EMBD, _V_EMBD, scale=0.2)
+            tensors[prefix + name + ".bias"] = random(_V_EMBD, scale=0.05)
+        for name in ("ln1", "ln2"):
+            tensors[prefix + name + ".weight"] = ones
+            tensors[prefix + name + ".bias"] = zeros
+        tensors[prefix + "ffn_up.weight"] = random(_V_FF, _V_EMBD, scale=0.2)
+        tensors[prefix + "ffn_up.bias"] = random(_V_FF, scale=0.05)
+        tensors[prefix + "ffn_down.weight"] = random(_V_EMBD, _V_FF, scale=0.2)
+        tensors[prefix + "ffn_down.bias"] = random(_V_EMBD, scale=0.05)
+    # Large projector weights: the picture's tokens must sway the tiny model's answer.
+    tensors["mm.0.weight"] = random(N_EMBD, _V_EMBD, scale=1.0)
+    tensors["mm.0.bias"] = random(N_EMBD, scale=0.1)
+    tensors["mm.2.weight"] = random(N_EMBD, N_EMBD, scale=1.0)
+    tensors["mm.2.bias"] = random(N_EMBD, scale=0.1)
+    return tensors
+
+
+def write_tiny_mmproj(path: Path, *, seed: int = 0) -> Path:
+    """Write the tiny projector (`general.architecture` clip, projector type mlp) to `path`."""
+    path = Path(path)
+    writer = gguf.GGUFWriter(str(path), "clip")
+    writer.add_name("Tiny Test Projector")
+    writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+    writer.add_bool("clip.has_vision_encoder", True)
+    writer.add_bool("clip.has_text_encoder", False)
+    writer.add_string("clip.projector_type", "mlp")
+    writer.add_bool("clip.use_gelu", True)
+    writer.add_uint32("clip.vision.image_size", MMPROJ_IMAGE_SIZE)
+    writer.add_uint32("clip.vision.patch_size", MMPROJ_PATCH_SIZE)
+    writer.add_uint32("clip.vision.embedding_length", _V_EMBD)
+    writer.add_uint32("clip.vision.feed_forward_length", _V_FF)
+    writer.add_uint32("clip.vision.projection_dim", N_EMBD)
+    writer.add_uint32("clip.vision.block_count", _V_LAYER)
+    writer.add_uint32("clip.vision.attention.head_count", _V_HEAD)
+    writer.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
+    writer.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
+    writer.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
+    for name, tensor in _mmproj_tensors(np.random.default_rng(seed + 1000)).items():
+        writer.add_tensor(name, tensor)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

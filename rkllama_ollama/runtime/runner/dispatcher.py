@@ -53,6 +53,10 @@ log = logging.getLogger("rkllama_ollama.runtime.runner")
 def make_runtime(spec: LoadSpec) -> Runtime:
     """Import the engine only here, inside the runner: the server process never loads native code."""
     engine = spec.engine
+    if engine == "llamacpp" and spec.vision.get("encoder") and not spec.embedding:
+        from rkllama_ollama.runtime.llamacpp_vision import LlamaCppVisionRuntime
+
+        return LlamaCppVisionRuntime()
     if engine == "llamacpp" and spec.parallel > 1 and not spec.embedding:
         from rkllama_ollama.runtime.batched import BatchedLlamaCppRuntime
 
