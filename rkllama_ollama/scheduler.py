@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from rkllama_ollama.models.store import ModelEntry
 from rkllama_ollama.residency import Resident, estimated_bytes, mem_available_bytes, plan_load
 from rkllama_ollama.runtime.base import LoadSpec, ModelInfo
-from rkllama_ollama.runtime.runner import RunnerProcess
+from rkllama_ollama.runtime.runner import RunnerDied, RunnerProcess
 
 log = logging.getLogger(__name__)
 
@@ -443,6 +443,22 @@ class Scheduler:
             lane.waiters.clear()
         self._wake_room_waiters()
         await asyncio.gather(*(self._stop_lane(lane, "shutdown") for lane in list(self._lanes.values())))
+
+    @asynccontextmanager
+    async def session(
+        self, entry: ModelEntry, spec: LoadSpec, *, interactive: bool, keep_alive_s: float | None
+    ) -> AsyncIterator[LoadedModel]:
+        """A turn on `entry`'s model with the model loaded as `spec` asks (yielded). Leaving it cleanly
+        restarts the model's keep_alive; a runner that died meanwhile is forgotten, so that the next
+        request starts a new one."""
+        async with self.turn(entry.name.key, interactive=interactive, spec=spec):
+            try:
+                loaded = await self.ensure_loaded(entry, spec, keep_alive_s)
+                yield loaded
+            except RunnerDied:
+                self.forget_dead_runner()
+                raise
+            self.touch(loaded, keep_alive_s)
 
 
 def runner_environment(rkllm_lib: str | None, rkllm_version: str | None, log_level: str) -> dict[str, str]:

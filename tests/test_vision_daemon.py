@@ -20,7 +20,7 @@ import openai
 import pytest
 from PIL import Image
 
-from rkllama_ollama.cli_repl import extract_images
+from rkllama_ollama.cli.repl import extract_images
 from tests.rkllm_support.sim import SIM_VERSIONS, add_sim_model, build_simulators, write_byte_tokenizer
 from tests.rkllm_support.vision import (
     answer_images,

@@ -27,7 +27,6 @@ from rkllama_ollama.chat.images import ImageError, checked_image, checked_messag
 from rkllama_ollama.durations import parse_keep_alive
 from rkllama_ollama.generation import (
     Answer,
-    CapabilityError,
     Content,
     Done,
     Embeddings,
@@ -44,8 +43,9 @@ from rkllama_ollama.models.blobs import BlobError
 from rkllama_ollama.models.facts import gguf_whole_arrays_and_tensors
 from rkllama_ollama.models.gguf_meta import GGUFError
 from rkllama_ollama.models.names import InvalidModelName, parse_name
-from rkllama_ollama.models.store import ModelEntry, ModelNotFound, StoreError
+from rkllama_ollama.models.store import ModelEntry, ModelNotFound, StoreError, WeightsFormat
 from rkllama_ollama.options import OptionError, validate_options
+from rkllama_ollama.request_checks import NOT_FOUND_PULL, RequestChecks
 from rkllama_ollama.runtime.base import TokenLogprob
 from rkllama_ollama.structured import Format, FormatError, check_format
 
@@ -291,6 +291,7 @@ class OllamaApi:
     def __init__(self, ctx: AppContext) -> None:
         self.ctx = ctx
         self.blobs = ctx.store.blobs
+        self.checks = RequestChecks(ctx.store)
 
     def routes(self) -> list[web.AbstractRouteDef]:
         return [
@@ -325,13 +326,6 @@ class OllamaApi:
     async def resolve(self, name: str) -> ModelEntry:
         return await asyncio.to_thread(self.ctx.store.resolve, name)
 
-    async def resolve_for_generation(self, label: str) -> ModelEntry:
-        """The model for chat/generate; 404 `model '<name as sent>' not found`."""
-        try:
-            return await self.resolve(label)
-        except ModelNotFound:
-            raise BadRequest(f"model '{label}' not found", 404) from None
-
     async def show(self, request: web.Request) -> web.Response:
         body = await wire.read_json_body(request)
         name = model_field(body)
@@ -350,7 +344,9 @@ class OllamaApi:
         if request.headers.get("User-Agent", "").startswith(COPILOT_AGENT):  # shows the name it asked for
             model_info["general.basename"] = name
         tensors: list[dict[str, Any]] | None = None
-        if verbose and entry.format == "gguf":  # whole arrays and tensors: read from the file only now
+        if (
+            verbose and entry.format == WeightsFormat.GGUF
+        ):  # whole arrays and tensors: read from the file only now
             try:
                 arrays, tensors = await asyncio.to_thread(gguf_whole_arrays_and_tensors, entry.weights)
             except (GGUFError, OSError) as exc:
@@ -393,7 +389,7 @@ class OllamaApi:
                     "expires_at": wire.rfc3339_local(expires_at),
                     "size": size,
                     # The NPU shares system RAM; report it as accelerator memory for .rkllm models.
-                    "size_vram": size if entry.format == "rkllm" else 0,
+                    "size_vram": size if entry.format == WeightsFormat.RKLLM else 0,
                     "context_length": loaded.info.context_length,
                 }
             )
@@ -417,17 +413,16 @@ class OllamaApi:
         keep_alive, think, options = common.keep_alive, common.think, common.options
         if not label:  # Ollama's quirk: generate with no model is a 404, chat a 400
             return wire.error_response(404, "model '' not found")
-        entry = await self.resolve_for_generation(label)
+        entry = await self.checks.resolve(label)
         if not prompt and keep_alive == 0:
             await self.ctx.scheduler.unload(entry)
             return wire.json_response(self._final_generate(label, "unload"))
         if raw and (body.get("template") or system or context):
             raise BadRequest("raw mode does not support template, system, or context")
-        self._check(entry, label, "generate", think)
-        if suffix and "insert" not in entry.capabilities:
-            raise BadRequest(f"{entry.name.full} does not support insert")
+        self.checks.check(
+            entry, label, kind="generate", think=think, insert=bool(suffix), images=bool(images)
+        )
         if images:
-            self._check_images(entry, label)
             if not all(isinstance(image, str) for image in images):
                 raise BadRequest('"images" must be an array of base64 strings')
             images = checked_images(images)
@@ -478,13 +473,13 @@ class OllamaApi:
         tools = parse_tools(body)
         common = parse_generation_fields(body)
         keep_alive, think, options = common.keep_alive, common.think, common.options
-        entry = await self.resolve_for_generation(label)
+        entry = await self.checks.resolve(label)
         if not messages and keep_alive == 0:
             await self.ctx.scheduler.unload(entry)
             return wire.json_response(self._final_chat(label, "unload"))
-        self._check(entry, label, "chat", think)
-        if any(m.get("images") for m in messages):
-            self._check_images(entry, label)
+        has_images = any(m.get("images") for m in messages)
+        self.checks.check(entry, label, kind="chat", think=think, images=has_images)
+        if has_images:
             messages = checked_messages(messages)
         if not messages:
             await self.ctx.generator.load(entry, options, keep_alive)
@@ -523,10 +518,7 @@ class OllamaApi:
     async def _embedding_model(self, label: str) -> ModelEntry:
         if not label:
             raise BadRequest("model is required")
-        try:
-            return await self.resolve(label)
-        except ModelNotFound:
-            raise BadRequest(f'model "{label}" not found, try pulling it first', 404) from None
+        return await self.checks.resolve(label, not_found=NOT_FOUND_PULL)
 
     async def _embed(
         self, entry: ModelEntry, inputs: list[str], truncate: bool, body: dict[str, Any]
@@ -666,17 +658,6 @@ class OllamaApi:
         raise BadRequest("push is not supported")
 
     # -- shared ---------------------------------------------------------------------------------
-
-    def _check(self, entry: ModelEntry, label: str, kind: str, think: bool | str | None) -> None:
-        try:
-            self.ctx.generator.check_capabilities(entry, label, kind=kind, think=think)
-        except CapabilityError as exc:
-            raise BadRequest(str(exc)) from None
-
-    @staticmethod
-    def _check_images(entry: ModelEntry, label: str) -> None:
-        if "vision" not in entry.capabilities:
-            raise BadRequest(f'"{label}" does not support images')
 
     @staticmethod
     def _final_generate(label: str, reason: str) -> dict[str, Any]:
