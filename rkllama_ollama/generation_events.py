@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from rkllama_ollama.chat.parse import ToolCall
-from rkllama_ollama.runtime.base import GenerationStats, RuntimeFailure, TokenLogprob
+from rkllama_ollama.runtime.base import DoneReason, GenerationStats, RuntimeFailure, TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class ToolCallEvent:
 
 @dataclass(frozen=True)
 class Done:
-    done_reason: str  # "stop" | "length"
+    done_reason: DoneReason  # STOP or LENGTH
     stats: GenerationStats
     load_ns: int
     total_ns: int

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from rkllama_ollama.chat.parse import OutputPipeline
 from rkllama_ollama.generation_events import Content, Done, Event, Thinking, ToolCallEvent
-from rkllama_ollama.runtime.base import GenerationStats, RuntimeFailure, TokenLogprob
+from rkllama_ollama.runtime.base import DoneReason, GenerationStats, RuntimeFailure, TokenLogprob
 from rkllama_ollama.runtime.runner import Finished, Piece
 from rkllama_ollama.structured import Format, InvalidStructuredAnswer, validated_answer
 
@@ -126,7 +126,8 @@ class Relay:
         stats = self.stats
         if stats is None:
             raise RuntimeFailure("generation ended without statistics")
-        reason = "stop" if self.stopped or stats.done_reason in ("stop", "abort") else stats.done_reason
+        stopped = self.stopped or stats.done_reason in (DoneReason.STOP, DoneReason.ABORT)
+        reason = DoneReason.STOP if stopped else stats.done_reason
         return Done(reason, stats, load_ns + stats.reload_ns, time.perf_counter_ns() - self.started_ns)
 
 

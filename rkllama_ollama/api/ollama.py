@@ -46,7 +46,7 @@ from rkllama_ollama.models.names import InvalidModelName, parse_name
 from rkllama_ollama.models.store import ModelEntry, ModelNotFound, StoreError, WeightsFormat
 from rkllama_ollama.options import OptionError, validate_options
 from rkllama_ollama.request_checks import NOT_FOUND_PULL, RequestChecks
-from rkllama_ollama.runtime.base import TokenLogprob
+from rkllama_ollama.runtime.base import DoneReason, TokenLogprob
 from rkllama_ollama.structured import Format, FormatError, check_format
 
 log = logging.getLogger(__name__)
@@ -416,7 +416,7 @@ class OllamaApi:
         entry = await self.checks.resolve(label)
         if not prompt and keep_alive == 0:
             await self.ctx.scheduler.unload(entry)
-            return wire.json_response(self._final_generate(label, "unload"))
+            return wire.json_response(self._final_generate(label, DoneReason.UNLOAD))
         if raw and (body.get("template") or system or context):
             raise BadRequest("raw mode does not support template, system, or context")
         self.checks.check(
@@ -428,7 +428,7 @@ class OllamaApi:
             images = checked_images(images)
         if not prompt and not context:
             await self.ctx.generator.load(entry, options, keep_alive)
-            return wire.json_response(self._final_generate(label, "load"))
+            return wire.json_response(self._final_generate(label, DoneReason.LOAD))
         gen = common.request(
             entry,
             prompt=prompt,
@@ -476,14 +476,14 @@ class OllamaApi:
         entry = await self.checks.resolve(label)
         if not messages and keep_alive == 0:
             await self.ctx.scheduler.unload(entry)
-            return wire.json_response(self._final_chat(label, "unload"))
+            return wire.json_response(self._final_chat(label, DoneReason.UNLOAD))
         has_images = any(m.get("images") for m in messages)
         self.checks.check(entry, label, kind="chat", think=think, images=has_images)
         if has_images:
             messages = checked_messages(messages)
         if not messages:
             await self.ctx.generator.load(entry, options, keep_alive)
-            return wire.json_response(self._final_chat(label, "load"))
+            return wire.json_response(self._final_chat(label, DoneReason.LOAD))
         gen = common.request(entry, messages=messages, tools=tools)
 
         def chunk(event: Event) -> dict[str, Any]:
@@ -660,7 +660,7 @@ class OllamaApi:
     # -- shared ---------------------------------------------------------------------------------
 
     @staticmethod
-    def _final_generate(label: str, reason: str) -> dict[str, Any]:
+    def _final_generate(label: str, reason: DoneReason) -> dict[str, Any]:
         return {
             "model": label,
             "created_at": wire.rfc3339_utc(),
@@ -670,7 +670,7 @@ class OllamaApi:
         }
 
     @staticmethod
-    def _final_chat(label: str, reason: str) -> dict[str, Any]:
+    def _final_chat(label: str, reason: DoneReason) -> dict[str, Any]:
         return {
             "model": label,
             "created_at": wire.rfc3339_utc(),

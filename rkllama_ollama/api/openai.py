@@ -50,7 +50,7 @@ from rkllama_ollama.generation import (
 )
 from rkllama_ollama.models.store import ModelEntry, ModelNotFound
 from rkllama_ollama.request_checks import NOT_FOUND_PULL, RequestChecks
-from rkllama_ollama.runtime.base import TokenLogprob
+from rkllama_ollama.runtime.base import DoneReason, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +69,9 @@ def _usage(done: Done) -> dict[str, int]:
 
 
 def _finish_reason(done: Done, had_tool_calls: bool) -> str:
-    if had_tool_calls and done.done_reason == "stop":
+    if had_tool_calls and done.done_reason == DoneReason.STOP:
         return "tool_calls"
-    return "length" if done.done_reason == "length" else "stop"
+    return "length" if done.done_reason == DoneReason.LENGTH else "stop"
 
 
 def _tool_call(event: ToolCallEvent) -> dict[str, Any]:

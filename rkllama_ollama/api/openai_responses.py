@@ -36,6 +36,7 @@ from rkllama_ollama.generation import (
     first_event,
 )
 from rkllama_ollama.request_checks import RequestChecks
+from rkllama_ollama.runtime.base import DoneReason
 
 
 def _id(prefix: str) -> str:
@@ -122,7 +123,7 @@ class ResponseBuilder:
         return []  # an empty Content (logprobs only, not asked for here)
 
     def finish(self, done: Done) -> list[dict[str, Any]]:
-        status = "incomplete" if done.done_reason == "length" else "completed"
+        status = "incomplete" if done.done_reason == DoneReason.LENGTH else "completed"
         events = self._close(status)
         if not self.output:  # no text and no call: an empty message, so the reply still has one
             events += self._open_item("message") + self._close(status)
@@ -261,7 +262,7 @@ class OpenAiResponsesApi:
                 for call in answer.tool_calls:
                     builder.feed(call)
                 builder.finish(done)
-                status = "incomplete" if done.done_reason == "length" else "completed"
+                status = "incomplete" if done.done_reason == DoneReason.LENGTH else "completed"
                 return wire.json_response(builder.response(status, done), charset=False)
             started = False
 
