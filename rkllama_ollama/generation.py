@@ -23,41 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from rkllama_ollama.chat.template import ChatTemplate, TemplateError, template_from_runtime_pieces
-from rkllama_ollama.generation_events import (
-    Answer,
-    Content,
-    Done,
-    Event,
-    Thinking,
-    ToolCallEvent,
-    collect_answer,
-    first_event,
-)
-from rkllama_ollama.generation_plan import (
-    GenerationPlan,
-    GenerationRequest,
-    plan_generation,
-    prompt_images,
-)
+from rkllama_ollama.generation_events import Event
+from rkllama_ollama.generation_plan import GenerationPlan, GenerationRequest, plan_generation, prompt_images
 from rkllama_ollama.generation_relay import GenerationObserver, NullObserver, Relay
 from rkllama_ollama.models.store import ModelEntry
 from rkllama_ollama.models.tokenizer_fetch import TokenizerFetcher
 from rkllama_ollama.options import layer_options
 from rkllama_ollama.runtime.base import ContextOverflow, Engine, LoadSpec, RuntimeFailure
 from rkllama_ollama.scheduler import LoadedModel, Scheduler
-
-__all__ = [
-    "Answer",
-    "Content",
-    "Done",
-    "Event",
-    "GenerationObserver",
-    "GenerationRequest",
-    "Thinking",
-    "ToolCallEvent",
-    "collect_answer",
-    "first_event",
-]
 
 log = logging.getLogger(__name__)
 

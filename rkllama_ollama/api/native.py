@@ -22,15 +22,8 @@ from rkllama_ollama.api.context import AppContext
 from rkllama_ollama.api.ollama import checked_messages, parse_messages
 from rkllama_ollama.api.pulling import pull_request_fields, respond_pull
 from rkllama_ollama.api.wire import BadRequest, field_of
-from rkllama_ollama.generation import (
-    Content,
-    Done,
-    Event,
-    GenerationRequest,
-    Thinking,
-    collect_answer,
-    first_event,
-)
+from rkllama_ollama.generation_events import Content, Done, Event, Thinking, collect_answer, first_event
+from rkllama_ollama.generation_plan import GenerationRequest
 from rkllama_ollama.model_admin import delete_model
 from rkllama_ollama.models.store import ModelEntry, ModelNotFound, StoreError
 from rkllama_ollama.request_checks import RequestChecks

@@ -25,19 +25,18 @@ from rkllama_ollama.api.pulling import pull_request_fields, respond_pull
 from rkllama_ollama.api.wire import BadRequest, field_of
 from rkllama_ollama.chat.images import ImageError, checked_image, checked_message_images
 from rkllama_ollama.durations import parse_keep_alive
-from rkllama_ollama.generation import (
+from rkllama_ollama.generation import Embeddings, l2_normalised
+from rkllama_ollama.generation_events import (
     Answer,
     Content,
     Done,
-    Embeddings,
     Event,
-    GenerationRequest,
     Thinking,
     ToolCallEvent,
     collect_answer,
     first_event,
-    l2_normalised,
 )
+from rkllama_ollama.generation_plan import GenerationRequest
 from rkllama_ollama.model_admin import BaseModelNotFound, BlobNotFound, copy_model, create_model, delete_model
 from rkllama_ollama.models.blobs import BlobError
 from rkllama_ollama.models.facts import gguf_whole_arrays_and_tensors

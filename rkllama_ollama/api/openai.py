@@ -36,18 +36,18 @@ from rkllama_ollama.api.openai_request import (
 )
 from rkllama_ollama.api.wire import BadRequest, field_of
 from rkllama_ollama.chat.images import ImageError, checked_message_images
-from rkllama_ollama.generation import (
+from rkllama_ollama.generation import l2_normalised
+from rkllama_ollama.generation_events import (
     Answer,
     Content,
     Done,
     Event,
-    GenerationRequest,
     Thinking,
     ToolCallEvent,
     collect_answer,
     first_event,
-    l2_normalised,
 )
+from rkllama_ollama.generation_plan import GenerationRequest
 from rkllama_ollama.models.store import ModelEntry, ModelNotFound
 from rkllama_ollama.request_checks import NOT_FOUND_PULL, RequestChecks
 from rkllama_ollama.runtime.base import DoneReason, TokenLogprob

@@ -25,16 +25,16 @@ from aiohttp import web
 from rkllama_ollama.api import wire
 from rkllama_ollama.api.context import AppContext
 from rkllama_ollama.api.openai_responses_request import ResponsesRequest, parse_request
-from rkllama_ollama.generation import (
+from rkllama_ollama.generation_events import (
     Content,
     Done,
     Event,
-    GenerationRequest,
     Thinking,
     ToolCallEvent,
     collect_answer,
     first_event,
 )
+from rkllama_ollama.generation_plan import GenerationRequest
 from rkllama_ollama.request_checks import RequestChecks
 from rkllama_ollama.runtime.base import DoneReason
 
