@@ -25,7 +25,7 @@ from pathlib import Path
 
 from rkllama_ollama.models.catalogue import Catalogue, load_catalogue
 from rkllama_ollama.models.facts import guess_rkllm_name_facts
-from rkllama_ollama.models.store import ModelEntry, Store
+from rkllama_ollama.models.store import ModelEntry, Store, WeightsFormat
 from rkllama_ollama.runtime.rkllm import npu
 from rkllama_ollama.runtime.rkllm.library import PROBE_TIMEOUT_S, RkllmLibraryError, find_library, probe
 from rkllama_ollama.runtime.rkllm.startup import diagnose
@@ -374,7 +374,7 @@ def check_store(report: Report, models_dir: Path, entries: list[ModelEntry]) -> 
             "it is created by the first `rkllama-ollama pull`; set RKLLAMA_MODELS to use an existing store",
         )
         return
-    rkllm = sum(entry.format == "rkllm" for entry in entries)
+    rkllm = sum(entry.format == WeightsFormat.RKLLM for entry in entries)
     writable = os.access(models_dir, os.W_OK)
     text = f"{models_dir}: {rkllm} .rkllm and {len(entries) - rkllm} .gguf model(s)"
     if writable:
@@ -486,7 +486,7 @@ def run_doctor(
     report = Report()
     soc = check_soc(report, root)
     entries = [] if not models_dir.is_dir() else Store(models_dir, offer_embedded=False).list()
-    rkllm_models = [entry for entry in entries if entry.format == "rkllm"]
+    rkllm_models = [entry for entry in entries if entry.format == WeightsFormat.RKLLM]
     # The runtime is identified before the driver line is written: the driver line says what it needs.
     runtime_report = Report()
     runtime = check_runtime(runtime_report, env, bool(rkllm_models))

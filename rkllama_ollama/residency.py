@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from rkllama_ollama.models.store import ModelEntry
-from rkllama_ollama.runtime.base import LoadSpec
+from rkllama_ollama.runtime.base import Engine, LoadSpec
 
 RESERVE_BYTES = 256 * 2**20  # left to the system and the server when deciding what fits
 _KV_BYTES_PER_VALUE = 2  # F16 KV cache (llama.cpp's default; the RKLLM runtime's too)
@@ -77,7 +77,7 @@ class Resident:
     """A loaded model as the plan sees it."""
 
     key: str
-    engine: str  # "rkllm" | "llamacpp"
+    engine: Engine
     size: int  # bytes it holds (reported by the engine, else estimated)
     last_used: float  # monotonic seconds of its last turn
     busy: bool  # a request (or background work) holds it
@@ -98,14 +98,14 @@ class Plan:
 def plan_load(
     residents: Sequence[Resident],
     *,
-    engine: str,
+    engine: Engine,
     size: int,
     available: int | None,
     max_loaded: int,
 ) -> Plan:
     """What to unload so that a model of `engine` and `size` bytes can be loaded next to `residents`
     (which must not include the model itself). See the module docstring for the rules."""
-    must = [r for r in residents if engine == "rkllm" and r.engine == "rkllm"]
+    must = [r for r in residents if engine == Engine.RKLLM and r.engine == Engine.RKLLM]
     busy_must = frozenset(r.key for r in must if r.busy)
     if busy_must:
         return Plan(wait_for=busy_must)

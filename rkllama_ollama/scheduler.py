@@ -448,6 +448,18 @@ class Scheduler:
         self._wake_room_waiters()
         await asyncio.gather(*(self._stop_lane(lane, "shutdown") for lane in list(self._lanes.values())))
 
+    @asynccontextmanager
+    async def session(
+        self, entry: ModelEntry, spec: LoadSpec, *, interactive: bool, keep_alive_s: float | None
+    ) -> AsyncIterator[LoadedModel]:
+        """A turn on `entry`'s model with the model loaded as `spec` asks (yielded). Leaving it cleanly
+        restarts the model's keep_alive. A runner that dies meanwhile is forgotten by the scheduler itself
+        (it watches every runner's `died`), so the next request starts a new one."""
+        async with self.turn(entry.name.key, interactive=interactive, spec=spec):
+            loaded = await self.ensure_loaded(entry, spec, keep_alive_s)
+            yield loaded
+            self.touch(loaded, keep_alive_s)
+
 
 def runner_environment(rkllm_lib: str | None, rkllm_version: str | None, log_level: str) -> dict[str, str]:
     env = dict(os.environ)

@@ -14,14 +14,15 @@ once the parser sees the end of the thinking block.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import jsonschema
 import orjson
 
 log = logging.getLogger(__name__)
 
-Format = str | dict[str, Any]
+# `format`: any JSON value ("json") or a JSON schema, already checked by check_format.
+Format = Literal["json"] | dict[str, Any]
 
 ANY_JSON_OBJECT = "{}"  # the schema text meaning `format: "json"` (llama.cpp's JSON grammar: one object)
 
@@ -53,7 +54,7 @@ def check_format(value: Any) -> Format | None:
 
 def schema_text(fmt: Format) -> str:
     """What goes into `SamplingOptions.json_schema`."""
-    if fmt == "json" or not isinstance(fmt, dict):
+    if not isinstance(fmt, dict):  # "json"
         return ANY_JSON_OBJECT
     return orjson.dumps(fmt).decode()
 

@@ -20,7 +20,7 @@ import pytest
 
 from rkllama_ollama.api.openai import _tool_call
 from rkllama_ollama.chat.parse import ToolCall
-from rkllama_ollama.generation import ToolCallEvent
+from rkllama_ollama.generation_events import ToolCallEvent
 from tests.support.daemon import Daemon, Reply
 
 MODEL = "tiny"

@@ -15,8 +15,8 @@ from typing import Any
 import pexpect
 import pytest
 
-from rkllama_ollama.cli import main
-from rkllama_ollama.cli_format import human_bytes, processor_text
+from rkllama_ollama.cli.commands import main
+from rkllama_ollama.cli.formatting import human_bytes, processor_text
 from tests.conftest import TINY, make_gguf_model
 from tests.support.daemon import Daemon, free_port
 from tests.support.tiny_gguf import write_tiny_gguf

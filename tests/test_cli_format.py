@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rkllama_ollama.cli_format import (
+from rkllama_ollama.cli.formatting import (
     PullProgress,
     human_bytes,
     human_duration,
@@ -21,7 +21,7 @@ from rkllama_ollama.cli_format import (
     show_info,
     table,
 )
-from rkllama_ollama.cli_repl import (
+from rkllama_ollama.cli.repl import (
     ParameterError,
     duration_text,
     parameter_value,

@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from rkllama_ollama.cli import main
+from rkllama_ollama.cli.commands import main
 
 DIGEST = "sha256:6a0746a1ec1aef3e7ec53868f220ff6e389f6f8ef87a01d77c96807de94ca2aa"
 TOTAL = 2_019_377_376

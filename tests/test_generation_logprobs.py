@@ -7,7 +7,8 @@ from __future__ import annotations
 import orjson
 
 from rkllama_ollama.chat.parse import ToolCall
-from rkllama_ollama.generation import Content, Thinking, ToolCallEvent, _with_logprobs
+from rkllama_ollama.generation_events import Content, Thinking, ToolCallEvent
+from rkllama_ollama.generation_relay import _with_logprobs
 from rkllama_ollama.runtime.base import TokenLogprob
 
 ENTRY = TokenLogprob(b"a", -0.5)

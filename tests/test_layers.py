@@ -24,14 +24,25 @@ LAYERS = {
     "residency": 3,
     "scheduler": 3,
     "generation": 4,
+    "generation_events": 4,
+    "generation_plan": 4,
+    "generation_relay": 4,
+    "request_checks": 4,
     "model_admin": 4,
     "api": 5,
     "daemon": 6,
-    "client": 6,
     "doctor": 6,
-    "cli_format": 6,
-    "cli_repl": 7,
-    "cli": 8,
+    "cli": 7,
+}
+
+# What the `rkllama-ollama` command may load before a subcommand runs: itself and its settings. The
+# server's modules (serve, doctor, the store for create) load inside the command that needs them.
+CLI_START_UP = {
+    "rkllama_ollama",
+    "rkllama_ollama.config",
+    "rkllama_ollama.durations",
+    "rkllama_ollama.runtime",
+    "rkllama_ollama.runtime.cpus",
 }
 
 
@@ -95,3 +106,34 @@ def test_the_server_process_loads_no_engine() -> None:
         subprocess.run([sys.executable, "-c", code], capture_output=True, check=True, text=True).stdout
     )
     assert loaded == []
+
+
+def _module_level_imports(path: Path) -> list[str]:
+    """The package's modules a file imports at module level (not inside a function)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found = []
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.append(node.module)
+    return [name for name in found if name.split(".")[0] == "rkllama_ollama"]
+
+
+def test_the_cli_imports_no_server_module_at_start_up() -> None:
+    allowed = CLI_START_UP | {"rkllama_ollama.cli"}
+    static = []
+    for path in (PACKAGE / "cli").glob("*.py"):
+        for imported in _module_level_imports(path):
+            if imported not in allowed and not imported.startswith("rkllama_ollama.cli."):
+                static.append(f"cli/{path.name} imports {imported}")
+    assert static == []
+    code = (
+        "import json, sys; import rkllama_ollama.cli, rkllama_ollama.cli.repl; "
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('rkllama_ollama'))))"
+    )
+    loaded = json.loads(
+        subprocess.run([sys.executable, "-c", code], capture_output=True, check=True, text=True).stdout
+    )
+    assert "rkllama_ollama.cli.commands" in loaded
+    assert [m for m in loaded if m not in allowed and not m.startswith("rkllama_ollama.cli.")] == []

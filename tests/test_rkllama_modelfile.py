@@ -216,6 +216,7 @@ def _entry(tmp_path: Path, modelfile: str, name: str = "m") -> object:
 
 def test_generator_maps_rkllama_keys_into_the_load_and_the_think_default(tmp_path: Path) -> None:
     from rkllama_ollama.generation import Generator
+    from rkllama_ollama.generation_plan import default_think
     from rkllama_ollama.models.store import ModelEntry
 
     entry = _entry(
@@ -227,11 +228,11 @@ def test_generator_maps_rkllama_keys_into_the_load_and_the_think_default(tmp_pat
     spec = generator.load_spec(entry, {})
     assert spec.num_ctx == 4096 and spec.params["mirostat"] == "2" and spec.params["mirostat_tau"] == "3.0"
     assert spec.params["num_predict"] == 1024 and spec.params["temperature"] == 0.5
-    assert Generator.default_think(entry) is False  # ENABLE_THINKING=False, though Qwen3 can think
+    assert default_think(entry) is False  # ENABLE_THINKING=False, though Qwen3 can think
     thinking = _entry(tmp_path, RKLLAMA_TEXT.replace("ENABLE_THINKING=False", "ENABLE_THINKING=True"), "t")
-    assert Generator.default_think(thinking) is True  # type: ignore[arg-type]
+    assert default_think(thinking) is True  # type: ignore[arg-type]
     unset = _entry(tmp_path, RKLLAMA_TEXT.replace("ENABLE_THINKING=False", ""), "u")
-    assert Generator.default_think(unset) is None  # type: ignore[arg-type]  # no template: cannot think
+    assert default_think(unset) is None  # type: ignore[arg-type]  # no template: cannot think
 
 
 def test_multi_batch_asks_rkllm_loads_for_n_batch_copies_only_when_switched_on(tmp_path: Path) -> None:

@@ -186,3 +186,35 @@ async def test_waiters_cancelled_as_the_turn_passes_do_not_lose_the_session() ->
     async with asyncio.timeout(5):
         async with scheduler.turn("m", interactive=True):
             pass
+
+
+def _preloaded(scheduler: Scheduler) -> tuple[object, object]:
+    """A lane `m` whose runner is already loaded (a stand-in runner: only `alive` is read)."""
+    from types import SimpleNamespace
+
+    from rkllama_ollama.runtime.base import LoadSpec, ModelInfo
+    from rkllama_ollama.scheduler import LoadedModel
+
+    entry = SimpleNamespace(name=SimpleNamespace(key="m", display="m"))
+    spec = LoadSpec(engine="llamacpp", model_path="m.gguf")
+    loaded = LoadedModel(entry, spec, SimpleNamespace(alive=True), ModelInfo(64), 0, 60.0)  # type: ignore[arg-type]
+    scheduler._lane("m").loaded = loaded
+    return entry, loaded
+
+
+async def test_a_session_yields_the_loaded_model_and_restarts_its_keep_alive_on_a_clean_exit() -> None:
+    scheduler = make()
+    entry, loaded = _preloaded(scheduler)
+    spec = loaded.spec  # type: ignore[attr-defined]
+    async with scheduler.session(entry, spec, interactive=True, keep_alive_s=5.0) as held:  # type: ignore[arg-type]
+        assert held is loaded and scheduler.running == 1
+        loaded.expires_at = 0.0  # type: ignore[attr-defined]
+    assert scheduler.running == 0
+    assert loaded.keep_alive_s == 5.0 and loaded.expires_at > 0.0  # type: ignore[attr-defined]
+
+    with pytest.raises(ValueError):  # a failure: the turn is released, keep_alive is not restarted
+        async with scheduler.session(entry, spec, interactive=True, keep_alive_s=7.0):  # type: ignore[arg-type]
+            loaded.expires_at = 0.0  # type: ignore[attr-defined]
+            raise ValueError("boom")
+    assert scheduler.running == 0 and loaded.expires_at == 0.0  # type: ignore[attr-defined]
+    assert scheduler.loaded_model("m") is loaded

@@ -19,7 +19,8 @@ import openai
 import pytest
 
 from rkllama_ollama.chat.parse import ToolCall
-from rkllama_ollama.generation import Content, Thinking, ToolCallEvent, _HeldAnswer, _passed
+from rkllama_ollama.generation_events import Content, Thinking, ToolCallEvent
+from rkllama_ollama.generation_relay import _HeldAnswer, _passed
 from rkllama_ollama.runtime.base import RuntimeFailure, SamplingOptions
 from rkllama_ollama.runtime.llamacpp import _schema_grammar
 from rkllama_ollama.structured import (

@@ -20,7 +20,7 @@ import openai
 import pytest
 from PIL import Image
 
-from rkllama_ollama.cli_repl import extract_images
+from rkllama_ollama.cli.repl import extract_images
 from tests.rkllm_support.sim import SIM_VERSIONS, add_sim_model, build_simulators, write_byte_tokenizer
 from tests.rkllm_support.vision import (
     answer_images,
@@ -243,6 +243,35 @@ def test_tags_that_do_not_match_the_images(daemon: Daemon) -> None:
 
 def test_a_text_model_refuses_images(daemon: Daemon) -> None:
     assert _chat_error(daemon, "text", [b64(solid_png(RED))]) == (400, '"text" does not support images')
+
+
+def test_a_text_model_refuses_images_on_every_face(daemon: Daemon) -> None:
+    """request_checks.py answers for every face, each in its own error shape."""
+    picture = b64(solid_png(RED))
+    data_url = f"data:image/png;base64,{picture}"
+    generate = httpx.post(
+        f"{daemon.url}/api/generate",
+        json={"model": "text", "prompt": "look", "images": [picture], "stream": False},
+        timeout=60,
+    )
+    assert (generate.status_code, generate.json()["error"]) == (400, '"text" does not support images')
+    parts = [{"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": data_url}}]
+    chat = httpx.post(
+        f"{daemon.url}/v1/chat/completions",
+        json={"model": "text", "messages": [{"role": "user", "content": parts}]},
+        timeout=60,
+    )
+    assert (chat.status_code, chat.json()["error"]["message"]) == (400, '"text" does not support images')
+    content = [{"type": "input_text", "text": "look"}, {"type": "input_image", "image_url": data_url}]
+    responses = httpx.post(
+        f"{daemon.url}/v1/responses",
+        json={"model": "text", "input": [{"role": "user", "content": content}]},
+        timeout=60,
+    )
+    assert (responses.status_code, responses.json()["error"]["message"]) == (
+        400,
+        '"text" does not support images',
+    )
 
 
 def test_an_http_image_url_is_a_clear_400(daemon: Daemon) -> None:

@@ -29,6 +29,7 @@ from rkllama_ollama.generation import Generator, KvCacheSettings
 from rkllama_ollama.models.names import InvalidModelName
 from rkllama_ollama.models.store import Store, kv_cache_root
 from rkllama_ollama.models.tokenizer_fetch import TokenizerFetcher
+from rkllama_ollama.request_checks import RequestRefused
 from rkllama_ollama.runtime.base import InvalidInput, RuntimeFailure
 from rkllama_ollama.runtime.runner.process import process_runner_factory
 from rkllama_ollama.runtime.runner.protocol import RunnerFactory
@@ -56,6 +57,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except wire.BadRequest as exc:
+        return _error(request, exc.status, exc.message)
+    except RequestRefused as exc:  # request_checks.py: unknown model, a capability it lacks
         return _error(request, exc.status, exc.message)
     except InvalidModelName as exc:
         return _error(request, 400, str(exc) or "invalid model name")

@@ -35,7 +35,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from rkllama_ollama.runtime.base import GenerationStats
+from rkllama_ollama.runtime.base import Engine, GenerationStats
 from rkllama_ollama.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -248,7 +248,9 @@ class MetricsObserver:
         m.prompt_tokens.labels(model).inc(stats.prompt_eval_count)
         m.generated_tokens.labels(model).inc(stats.eval_count)
         if stats.reload_ns:
-            m.model_load.labels(model, self._engine_of.get(model, "rkllm")).observe(stats.reload_ns / 1e9)
+            m.model_load.labels(model, self._engine_of.get(model, Engine.RKLLM)).observe(
+                stats.reload_ns / 1e9
+            )
         record = current_record()
         if record is not None:
             record.model = model

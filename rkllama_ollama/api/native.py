@@ -22,19 +22,11 @@ from rkllama_ollama.api.context import AppContext
 from rkllama_ollama.api.ollama import checked_messages, parse_messages
 from rkllama_ollama.api.pulling import pull_request_fields, respond_pull
 from rkllama_ollama.api.wire import BadRequest, field_of
-from rkllama_ollama.generation import (
-    CapabilityError,
-    Content,
-    Done,
-    Event,
-    GenerationRequest,
-    Thinking,
-    collect_answer,
-    first_event,
-)
+from rkllama_ollama.generation_events import Content, Done, Event, Thinking, collect_answer, first_event
+from rkllama_ollama.generation_plan import GenerationRequest
 from rkllama_ollama.model_admin import delete_model
-from rkllama_ollama.models.names import InvalidModelName, name_from_folder
 from rkllama_ollama.models.store import ModelEntry, ModelNotFound, StoreError
+from rkllama_ollama.request_checks import RequestChecks
 from rkllama_ollama.runtime.base import RuntimeFailure
 
 log = logging.getLogger(__name__)
@@ -60,6 +52,7 @@ def choice(content: str, finish_reason: str | None) -> list[dict[str, Any]]:
 class NativeApi:
     def __init__(self, ctx: AppContext) -> None:
         self.ctx = ctx
+        self.checks = RequestChecks(ctx.store, folder_names=True)
 
     def routes(self) -> list[web.AbstractRouteDef]:
         return [
@@ -74,17 +67,8 @@ class NativeApi:
 
     # -- models ---------------------------------------------------------------------------------
 
-    def _resolve_sync(self, name: str) -> ModelEntry:
-        try:
-            return self.ctx.store.resolve(name_from_folder(name))
-        except (InvalidModelName, ModelNotFound):
-            return self.ctx.store.resolve(name)
-
     async def resolve(self, name: str) -> ModelEntry:
-        try:
-            return await asyncio.to_thread(self._resolve_sync, name)
-        except ModelNotFound:
-            raise BadRequest(f"model '{name}' not found", 404) from None
+        return await self.checks.resolve(name)
 
     @staticmethod
     def _name_field(body: dict[str, Any], *keys: str) -> str:
@@ -165,13 +149,9 @@ class NativeApi:
             if loaded is None:
                 raise BadRequest('no model is loaded: send "model" or call /load_model first')
             entry = loaded.entry
-        try:
-            self.ctx.generator.check_capabilities(entry, native_name(entry), kind="chat", think=None)
-        except CapabilityError as exc:
-            raise BadRequest(str(exc)) from None
-        if any(m.get("images") for m in messages):  # the Ollama message shape, images included
-            if "vision" not in entry.capabilities:
-                raise BadRequest(f'"{native_name(entry)}" does not support images')
+        has_images = any(m.get("images") for m in messages)  # the Ollama message shape, images included
+        self.checks.check(entry, native_name(entry), kind="chat", images=has_images)
+        if has_images:
             messages = checked_messages(messages)
         gen = GenerationRequest(entry=entry, messages=messages, interactive=stream is not False)
         async with aclosing(self.ctx.generator.run(gen)) as events:

@@ -25,28 +25,27 @@ from rkllama_ollama.api.pulling import pull_request_fields, respond_pull
 from rkllama_ollama.api.wire import BadRequest, field_of
 from rkllama_ollama.chat.images import ImageError, checked_image, checked_message_images
 from rkllama_ollama.durations import parse_keep_alive
-from rkllama_ollama.generation import (
+from rkllama_ollama.generation import Embeddings, l2_normalised
+from rkllama_ollama.generation_events import (
     Answer,
-    CapabilityError,
     Content,
     Done,
-    Embeddings,
     Event,
-    GenerationRequest,
     Thinking,
     ToolCallEvent,
     collect_answer,
     first_event,
-    l2_normalised,
 )
+from rkllama_ollama.generation_plan import GenerationRequest
 from rkllama_ollama.model_admin import BaseModelNotFound, BlobNotFound, copy_model, create_model, delete_model
 from rkllama_ollama.models.blobs import BlobError
 from rkllama_ollama.models.facts import gguf_whole_arrays_and_tensors, show_model_info
 from rkllama_ollama.models.gguf_meta import GGUFError, read_gguf_metadata
 from rkllama_ollama.models.names import InvalidModelName, parse_name
-from rkllama_ollama.models.store import ModelEntry, ModelNotFound, StoreError
+from rkllama_ollama.models.store import ModelEntry, ModelNotFound, StoreError, WeightsFormat
 from rkllama_ollama.options import OptionError, validate_options
-from rkllama_ollama.runtime.base import TokenLogprob
+from rkllama_ollama.request_checks import NOT_FOUND_PULL, RequestChecks
+from rkllama_ollama.runtime.base import DoneReason, TokenLogprob
 from rkllama_ollama.structured import Format, FormatError, check_format
 
 log = logging.getLogger(__name__)
@@ -302,6 +301,7 @@ class OllamaApi:
     def __init__(self, ctx: AppContext) -> None:
         self.ctx = ctx
         self.blobs = ctx.store.blobs
+        self.checks = RequestChecks(ctx.store)
 
     def routes(self) -> list[web.AbstractRouteDef]:
         return [
@@ -336,13 +336,6 @@ class OllamaApi:
     async def resolve(self, name: str) -> ModelEntry:
         return await asyncio.to_thread(self.ctx.store.resolve, name)
 
-    async def resolve_for_generation(self, label: str) -> ModelEntry:
-        """The model for chat/generate; 404 `model '<name as sent>' not found`."""
-        try:
-            return await self.resolve(label)
-        except ModelNotFound:
-            raise BadRequest(f"model '{label}' not found", 404) from None
-
     async def show(self, request: web.Request) -> web.Response:
         body = await wire.read_json_body(request)
         name = model_field(body)
@@ -361,7 +354,9 @@ class OllamaApi:
         if request.headers.get("User-Agent", "").startswith(COPILOT_AGENT):  # shows the name it asked for
             model_info["general.basename"] = name
         tensors: list[dict[str, Any]] | None = None
-        if verbose and entry.format == "gguf":  # whole arrays and tensors: read from the file only now
+        if (
+            verbose and entry.format == WeightsFormat.GGUF
+        ):  # whole arrays and tensors: read from the file only now
             try:
                 arrays, tensors = await asyncio.to_thread(gguf_whole_arrays_and_tensors, entry.weights)
             except (GGUFError, OSError) as exc:
@@ -404,7 +399,7 @@ class OllamaApi:
                     "expires_at": wire.rfc3339_local(expires_at),
                     "size": size,
                     # The NPU shares system RAM; report it as accelerator memory for .rkllm models.
-                    "size_vram": size if entry.format == "rkllm" else 0,
+                    "size_vram": size if entry.format == WeightsFormat.RKLLM else 0,
                     "context_length": loaded.info.context_length,
                 }
             )
@@ -428,23 +423,22 @@ class OllamaApi:
         keep_alive, think, options = common.keep_alive, common.think, common.options
         if not label:  # Ollama's quirk: generate with no model is a 404, chat a 400
             return wire.error_response(404, "model '' not found")
-        entry = await self.resolve_for_generation(label)
+        entry = await self.checks.resolve(label)
         if not prompt and keep_alive == 0:
             await self.ctx.scheduler.unload(entry)
-            return wire.json_response(self._final_generate(label, "unload"))
+            return wire.json_response(self._final_generate(label, DoneReason.UNLOAD))
         if raw and (body.get("template") or system or context):
             raise BadRequest("raw mode does not support template, system, or context")
-        self._check(entry, label, "generate", think)
-        if suffix and "insert" not in entry.capabilities:
-            raise BadRequest(f"{entry.name.full} does not support insert")
+        self.checks.check(
+            entry, label, kind="generate", think=think, insert=bool(suffix), images=bool(images)
+        )
         if images:
-            self._check_images(entry, label)
             if not all(isinstance(image, str) for image in images):
                 raise BadRequest('"images" must be an array of base64 strings')
             images = checked_images(images)
         if not prompt and not context:
             await self.ctx.generator.load(entry, options, keep_alive)
-            return wire.json_response(self._final_generate(label, "load"))
+            return wire.json_response(self._final_generate(label, DoneReason.LOAD))
         gen = common.request(
             entry,
             prompt=prompt,
@@ -489,17 +483,17 @@ class OllamaApi:
         tools = parse_tools(body)
         common = parse_generation_fields(body)
         keep_alive, think, options = common.keep_alive, common.think, common.options
-        entry = await self.resolve_for_generation(label)
+        entry = await self.checks.resolve(label)
         if not messages and keep_alive == 0:
             await self.ctx.scheduler.unload(entry)
-            return wire.json_response(self._final_chat(label, "unload"))
-        self._check(entry, label, "chat", think)
-        if any(m.get("images") for m in messages):
-            self._check_images(entry, label)
+            return wire.json_response(self._final_chat(label, DoneReason.UNLOAD))
+        has_images = any(m.get("images") for m in messages)
+        self.checks.check(entry, label, kind="chat", think=think, images=has_images)
+        if has_images:
             messages = checked_messages(messages)
         if not messages:
             await self.ctx.generator.load(entry, options, keep_alive)
-            return wire.json_response(self._final_chat(label, "load"))
+            return wire.json_response(self._final_chat(label, DoneReason.LOAD))
         gen = common.request(entry, messages=messages, tools=tools)
 
         def chunk(event: Event) -> dict[str, Any]:
@@ -534,10 +528,7 @@ class OllamaApi:
     async def _embedding_model(self, label: str) -> ModelEntry:
         if not label:
             raise BadRequest("model is required")
-        try:
-            return await self.resolve(label)
-        except ModelNotFound:
-            raise BadRequest(f'model "{label}" not found, try pulling it first', 404) from None
+        return await self.checks.resolve(label, not_found=NOT_FOUND_PULL)
 
     async def _embed(
         self, entry: ModelEntry, inputs: list[str], truncate: bool, body: dict[str, Any]
@@ -678,19 +669,8 @@ class OllamaApi:
 
     # -- shared ---------------------------------------------------------------------------------
 
-    def _check(self, entry: ModelEntry, label: str, kind: str, think: bool | str | None) -> None:
-        try:
-            self.ctx.generator.check_capabilities(entry, label, kind=kind, think=think)
-        except CapabilityError as exc:
-            raise BadRequest(str(exc)) from None
-
     @staticmethod
-    def _check_images(entry: ModelEntry, label: str) -> None:
-        if "vision" not in entry.capabilities:
-            raise BadRequest(f'"{label}" does not support images')
-
-    @staticmethod
-    def _final_generate(label: str, reason: str) -> dict[str, Any]:
+    def _final_generate(label: str, reason: DoneReason) -> dict[str, Any]:
         return {
             "model": label,
             "created_at": wire.rfc3339_utc(),
@@ -700,7 +680,7 @@ class OllamaApi:
         }
 
     @staticmethod
-    def _final_chat(label: str, reason: str) -> dict[str, Any]:
+    def _final_chat(label: str, reason: DoneReason) -> dict[str, Any]:
         return {
             "model": label,
             "created_at": wire.rfc3339_utc(),

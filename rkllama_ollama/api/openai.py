@@ -36,21 +36,21 @@ from rkllama_ollama.api.openai_request import (
 )
 from rkllama_ollama.api.wire import BadRequest, field_of
 from rkllama_ollama.chat.images import ImageError, checked_message_images
-from rkllama_ollama.generation import (
+from rkllama_ollama.generation import l2_normalised
+from rkllama_ollama.generation_events import (
     Answer,
-    CapabilityError,
     Content,
     Done,
     Event,
-    GenerationRequest,
     Thinking,
     ToolCallEvent,
     collect_answer,
     first_event,
-    l2_normalised,
 )
+from rkllama_ollama.generation_plan import GenerationRequest
 from rkllama_ollama.models.store import ModelEntry, ModelNotFound
-from rkllama_ollama.runtime.base import TokenLogprob
+from rkllama_ollama.request_checks import NOT_FOUND_PULL, RequestChecks
+from rkllama_ollama.runtime.base import DoneReason, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +69,9 @@ def _usage(done: Done) -> dict[str, int]:
 
 
 def _finish_reason(done: Done, had_tool_calls: bool) -> str:
-    if had_tool_calls and done.done_reason == "stop":
+    if had_tool_calls and done.done_reason == DoneReason.STOP:
         return "tool_calls"
-    return "length" if done.done_reason == "length" else "stop"
+    return "length" if done.done_reason == DoneReason.LENGTH else "stop"
 
 
 def _tool_call(event: ToolCallEvent) -> dict[str, Any]:
@@ -131,6 +131,7 @@ class _LegacyLogprobs:
 class OpenAiApi:
     def __init__(self, ctx: AppContext) -> None:
         self.ctx = ctx
+        self.checks = RequestChecks(ctx.store)
 
     def routes(self) -> list[web.AbstractRouteDef]:
         return [
@@ -157,17 +158,6 @@ class OpenAiApi:
             return _error(404, f"model '{name}' not found")
         return wire.json_response(model_object(entry, name), charset=False)
 
-    async def _entry(self, label: str, kind: str, think: bool | str | None = None) -> ModelEntry:
-        try:
-            entry = await asyncio.to_thread(self.ctx.store.resolve, label)
-        except ModelNotFound:
-            raise BadRequest(f"model '{label}' not found", 404) from None
-        try:
-            self.ctx.generator.check_capabilities(entry, label, kind=kind, think=think)
-        except CapabilityError as exc:
-            raise BadRequest(str(exc)) from None
-        return entry
-
     # -- chat -----------------------------------------------------------------------------------
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
@@ -180,10 +170,9 @@ class OpenAiApi:
         fmt = format_of(body)
         tools = tools_of(body)
         top_logprobs = chat_logprobs_of(body)
-        entry = await self._entry(label, "chat", think)
-        if any(m.get("images") for m in messages):
-            if "vision" not in entry.capabilities:
-                raise BadRequest(f'"{label}" does not support images')
+        has_images = any(m.get("images") for m in messages)
+        entry = await self.checks.model_for(label, kind="chat", think=think, images=has_images)
+        if has_images:
             try:
                 messages = checked_message_images(messages)
             except ImageError as exc:
@@ -273,9 +262,7 @@ class OpenAiApi:
         options.setdefault("presence_penalty", 0.0)
         stream, include_usage = stream_of(body)
         top_logprobs = completion_logprobs_of(body)
-        entry = await self._entry(label, "generate")
-        if suffix and "insert" not in entry.capabilities:
-            raise BadRequest(f"{entry.name.full} does not support insert")
+        entry = await self.checks.model_for(label, kind="generate", insert=bool(suffix))
         gen = GenerationRequest(
             entry=entry,
             prompt=prompt or "",
@@ -349,10 +336,7 @@ class OpenAiApi:
             raise BadRequest(
                 f'invalid encoding_format {orjson.dumps(encoding).decode()}: use "float" or "base64"'
             )
-        try:
-            entry = await asyncio.to_thread(self.ctx.store.resolve, label)
-        except ModelNotFound:
-            return _error(404, f'model "{label}" not found, try pulling it first')
+        entry = await self.checks.resolve(label, not_found=NOT_FOUND_PULL)
         result = await self.ctx.generator.embed(entry, inputs, truncate=True)
         vectors = [l2_normalised(vector, dimensions) for vector in result.vectors]
         data = [

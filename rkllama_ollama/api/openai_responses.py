@@ -14,7 +14,6 @@ byte is an `error` event. Nothing is stored, and there is no `data: [DONE]` (Ope
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import time
 from contextlib import aclosing
@@ -26,19 +25,18 @@ from aiohttp import web
 from rkllama_ollama.api import wire
 from rkllama_ollama.api.context import AppContext
 from rkllama_ollama.api.openai_responses_request import ResponsesRequest, parse_request
-from rkllama_ollama.api.wire import BadRequest
-from rkllama_ollama.generation import (
-    CapabilityError,
+from rkllama_ollama.generation_events import (
     Content,
     Done,
     Event,
-    GenerationRequest,
     Thinking,
     ToolCallEvent,
     collect_answer,
     first_event,
 )
-from rkllama_ollama.models.store import ModelEntry, ModelNotFound
+from rkllama_ollama.generation_plan import GenerationRequest
+from rkllama_ollama.request_checks import RequestChecks
+from rkllama_ollama.runtime.base import DoneReason
 
 
 def _id(prefix: str) -> str:
@@ -125,7 +123,7 @@ class ResponseBuilder:
         return []  # an empty Content (logprobs only, not asked for here)
 
     def finish(self, done: Done) -> list[dict[str, Any]]:
-        status = "incomplete" if done.done_reason == "length" else "completed"
+        status = "incomplete" if done.done_reason == DoneReason.LENGTH else "completed"
         events = self._close(status)
         if not self.output:  # no text and no call: an empty message, so the reply still has one
             events += self._open_item("message") + self._close(status)
@@ -235,27 +233,15 @@ class SseEventStream(wire.JsonStream):
 class OpenAiResponsesApi:
     def __init__(self, ctx: AppContext) -> None:
         self.ctx = ctx
+        self.checks = RequestChecks(ctx.store)
 
     def routes(self) -> list[web.AbstractRouteDef]:
         return [web.post("/v1/responses", self.create)]
 
-    async def _entry(self, request: ResponsesRequest) -> ModelEntry:
-        label = request.model
-        try:
-            entry = await asyncio.to_thread(self.ctx.store.resolve, label)
-        except ModelNotFound:
-            raise BadRequest(f"model '{label}' not found", 404) from None
-        try:
-            self.ctx.generator.check_capabilities(entry, label, kind="chat", think=request.think)
-        except CapabilityError as exc:
-            raise BadRequest(str(exc)) from None
-        if any(m.get("images") for m in request.messages) and "vision" not in entry.capabilities:
-            raise BadRequest(f'"{label}" does not support images')
-        return entry
-
     async def create(self, request: web.Request) -> web.StreamResponse:
         parsed = parse_request(await wire.read_json_body(request))
-        entry = await self._entry(parsed)
+        has_images = any(m.get("images") for m in parsed.messages)
+        entry = await self.checks.model_for(parsed.model, kind="chat", think=parsed.think, images=has_images)
         gen = GenerationRequest(
             entry=entry,
             messages=parsed.messages,
@@ -276,7 +262,7 @@ class OpenAiResponsesApi:
                 for call in answer.tool_calls:
                     builder.feed(call)
                 builder.finish(done)
-                status = "incomplete" if done.done_reason == "length" else "completed"
+                status = "incomplete" if done.done_reason == DoneReason.LENGTH else "completed"
                 return wire.json_response(builder.response(status, done), charset=False)
             started = False
 

@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from rkllama_ollama.generation import Done, Event
+from rkllama_ollama.generation_events import Done, Event
 from rkllama_ollama.runtime.base import RuntimeFailure
 
 log = logging.getLogger(__name__)

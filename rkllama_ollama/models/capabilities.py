@@ -13,14 +13,20 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from enum import StrEnum
 from typing import Any
 
-COMPLETION = "completion"
-EMBEDDING = "embedding"
-TOOLS = "tools"
-THINKING = "thinking"
-INSERT = "insert"
-VISION = "vision"  # a .rkllm model with its image encoder (models/store.py decides)
+
+class Capability(StrEnum):
+    """What a model can be asked for (Ollama's names; equal to those strings)."""
+
+    COMPLETION = "completion"
+    EMBEDDING = "embedding"
+    TOOLS = "tools"
+    THINKING = "thinking"
+    INSERT = "insert"
+    VISION = "vision"  # a .rkllm model with its image encoder (models/store.py decides)
+
 
 EMBEDDING_ARCHITECTURES = frozenset(
     {
@@ -60,18 +66,18 @@ def detect_capabilities(
     architecture: str | None = None,
     metadata: Mapping[str, Any] | None = None,
     file_name: str = "",
-) -> list[str]:
+) -> list[Capability]:
     """Capabilities in Ollama's order: completion/embedding first, then tools, insert, thinking."""
     if is_embedding_only(architecture, metadata or {}, file_name):
-        return [EMBEDDING]
-    capabilities = [COMPLETION]
+        return [Capability.EMBEDDING]
+    capabilities = [Capability.COMPLETION]
     if not template:
         return capabilities
     code = _template_code(template) if "{%" in template or "{{" in template else ""
     if _TOOLS_RE.search(code):
-        capabilities.append(TOOLS)
+        capabilities.append(Capability.TOOLS)
     if _SUFFIX_RE.search(code):
-        capabilities.append(INSERT)
+        capabilities.append(Capability.INSERT)
     if any(marker in template for marker in _THINKING_MARKERS):
-        capabilities.append(THINKING)
+        capabilities.append(Capability.THINKING)
     return capabilities

@@ -40,11 +40,14 @@ import threading
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from rkllama_ollama.runtime.base import Engine
+
 from .blobs import BlobStore
-from .capabilities import COMPLETION, EMBEDDING, VISION, detect_capabilities
+from .capabilities import Capability, detect_capabilities
 from .facts import hf_support_files, weights_facts
 from .gguf_meta import read_gguf_metadata
 from .modelfile import Modelfile, ModelfileError, parse_modelfile
@@ -58,6 +61,18 @@ from .tokenizer_files import (
 )
 
 log = logging.getLogger(__name__)
+
+
+class WeightsFormat(StrEnum):
+    """The kind of weights file a model is (and so its engine)."""
+
+    GGUF = "gguf"  # llama.cpp on the CPU
+    RKLLM = "rkllm"  # the RKLLM runtime on the NPU
+
+    @classmethod
+    def of(cls, weights: Path) -> WeightsFormat:
+        return cls.RKLLM if weights.name.lower().endswith(".rkllm") else cls.GGUF
+
 
 MODELFILE_NAME = "Modelfile"
 MANIFEST_NAME = ".rkllama-manifest.json"
@@ -90,7 +105,7 @@ class ModelEntry:
     name: ModelName
     folder: Path
     weights: Path
-    format: str  # "gguf" | "rkllm"
+    format: WeightsFormat
     modelfile: Modelfile
     size: int  # bytes: weights + the folder's other files
     modified_at: datetime  # aware, local time
@@ -98,7 +113,7 @@ class ModelEntry:
     digest_provisional: bool
     details: dict[str, Any]  # parent_model, format, family, families, parameter_size, quantization_level
     model_info: dict[str, Any]  # /api/show model_info (long arrays already [])
-    capabilities: list[str]
+    capabilities: list[Capability]
     chat_template: str | None  # Hugging Face jinja template (GGUF tokenizer.chat_template / tokenizer files)
     bos_token: str
     eos_token: str
@@ -123,8 +138,8 @@ class ModelEntry:
         return settings
 
     @property
-    def engine(self) -> str:
-        return "rkllm" if self.format == "rkllm" else "llamacpp"
+    def engine(self) -> Engine:
+        return Engine.RKLLM if self.format == WeightsFormat.RKLLM else Engine.LLAMACPP
 
 
 def find_embedded_weights() -> Path | None:
@@ -430,17 +445,17 @@ class Store:
         chat_template = facts.get("chat_template")
         template = modelfile.template or chat_template
         if facts.get("embedding_only"):
-            capabilities = [EMBEDDING]
+            capabilities = [Capability.EMBEDDING]
         else:
             capabilities = detect_capabilities(template, architecture=architecture, file_name=weights.name)
-        if vision_encoder is not None and COMPLETION in capabilities:
-            capabilities.insert(capabilities.index(COMPLETION) + 1, VISION)
+        if vision_encoder is not None and Capability.COMPLETION in capabilities:
+            capabilities.insert(capabilities.index(Capability.COMPLETION) + 1, Capability.VISION)
         sha = manifest.get("sha256")
         return ModelEntry(
             name=name,
             folder=folder,
             weights=weights,
-            format="rkllm" if weights.name.lower().endswith(".rkllm") else "gguf",
+            format=WeightsFormat.of(weights),
             modelfile=modelfile,
             size=size,
             modified_at=datetime.fromtimestamp(modified_ns / 1e9).astimezone(),

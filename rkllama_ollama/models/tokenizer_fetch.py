@@ -25,7 +25,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .store import ModelEntry, Store
+from .store import ModelEntry, Store, WeightsFormat
 from .tokenizer_files import TOKENIZER_FOLDER
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class TokenizerFetcher:
     def wants(entry: ModelEntry) -> bool:
         """Whether `entry` is an .rkllm model with no tokenizer files but a repository to get them from."""
         return (
-            entry.format == "rkllm"
+            entry.format == WeightsFormat.RKLLM
             and not entry.embedded
             and entry.tokenizer_dir is None
             and bool((entry.modelfile.huggingface_path or "").strip())

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
+from enum import StrEnum
 from typing import Any, Protocol
 
 # The runner's native-output file (set by the server for each runner): an engine writes what its native
@@ -38,6 +39,23 @@ class ContextOverflow(InvalidInput):
     """The input does not fit the context window: the client's to fix (shorter input, larger num_ctx)."""
 
 
+class Engine(StrEnum):
+    """The engine that hosts a model in its runner."""
+
+    LLAMACPP = "llamacpp"  # llama-cpp-python: GGUF files on the CPU
+    RKLLM = "rkllm"  # Rockchip's RKLLM runtime: .rkllm files on the NPU
+
+
+class DoneReason(StrEnum):
+    """Why a generation ended (Ollama's `done_reason`); an engine reports the first three."""
+
+    STOP = "stop"  # end of generation (EOS), or a stop sequence
+    LENGTH = "length"  # num_predict or the context reached
+    ABORT = "abort"  # cancelled
+    LOAD = "load"  # a load-only request
+    UNLOAD = "unload"  # an unload request (keep_alive 0, nothing to answer)
+
+
 def _from_dict(cls: type, data: dict[str, Any]) -> Any:
     names = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in data.items() if k in names})
@@ -47,7 +65,7 @@ def _from_dict(cls: type, data: dict[str, Any]) -> Any:
 class LoadSpec:
     """Everything an engine needs to load one model. Built by the scheduler from the store."""
 
-    engine: str  # "llamacpp" or "rkllm"
+    engine: Engine
     model_path: str  # the weights file (.gguf or .rkllm)
     num_ctx: int = 4096
     n_threads: int = 0  # 0 = engine default
@@ -74,7 +92,9 @@ class LoadSpec:
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> LoadSpec:
-        return _from_dict(cls, {**data, "cores": tuple(data.get("cores") or ())})
+        return _from_dict(
+            cls, {**data, "engine": Engine(data["engine"]), "cores": tuple(data.get("cores") or ())}
+        )
 
 
 @dataclass(frozen=True)
@@ -142,7 +162,7 @@ class SamplingOptions:
 class GenerationStats:
     """Reported when a generation ends. Durations are integer nanoseconds."""
 
-    done_reason: str  # "stop" (EOS), "length" (num_predict / context), "abort"
+    done_reason: DoneReason  # STOP (EOS), LENGTH (num_predict / context), ABORT
     prompt_tokens: int  # tokens in the whole prompt
     prompt_eval_count: int  # tokens actually fed (not already in the KV cache)
     prompt_eval_ns: int
@@ -156,7 +176,7 @@ class GenerationStats:
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> GenerationStats:
-        return _from_dict(cls, data)
+        return _from_dict(cls, {**data, "done_reason": DoneReason(data["done_reason"])})
 
 
 @dataclass(frozen=True)

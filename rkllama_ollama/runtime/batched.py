@@ -32,6 +32,7 @@ from typing import Any
 
 from rkllama_ollama.runtime.base import (
     Cancel,
+    DoneReason,
     EmitPiece,
     GenerationStats,
     LoadSpec,
@@ -62,7 +63,7 @@ class _Sequence:
     generated: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_done_ns: int = 0
-    done_reason: str = ""
+    done_reason: DoneReason = DoneReason.STOP  # set when the sequence finishes
     stats: GenerationStats | None = None
     error: Exception | None = None
     finished: threading.Event = field(default_factory=threading.Event)
@@ -121,7 +122,7 @@ class BatchedLlamaCppSession(LlamaCppSession):
         tokens = self._prompt_tokens(prompt)
         cancel = cancel or Cancel()
         if cancel.is_set():
-            return GenerationStats("abort", len(tokens), 0, 0, 0, 0, context=tokens)
+            return GenerationStats(DoneReason.ABORT, len(tokens), 0, 0, 0, 0, context=tokens)
         sequence = _Sequence(
             tokens,
             options,
@@ -189,7 +190,7 @@ class BatchedLlamaCppSession(LlamaCppSession):
         llama_cpp, batch = self._llama_cpp, self._batch
         for sequence in self._running():
             if sequence.cancel.is_set():
-                self._finish(sequence, "abort")
+                self._finish(sequence, DoneReason.ABORT)
         entries: list[tuple[_Sequence, int, bool]] = []  # (sequence, token, wants logits)
         for sequence in self._running():
             if sequence.next_token is not None and len(entries) < self._n_batch:
@@ -233,14 +234,14 @@ class BatchedLlamaCppSession(LlamaCppSession):
         options = sequence.options
         limit = options.num_predict if options.num_predict >= 0 else self._n_ctx
         if len(sequence.generated) >= limit:
-            self._finish(sequence, "length")
+            self._finish(sequence, DoneReason.LENGTH)
             return
         if sequence.cancel.is_set():
-            self._finish(sequence, "abort")
+            self._finish(sequence, DoneReason.ABORT)
             return
         token = int(sequence.sampler.sample(self._ctx, index))
         if self._llama_cpp.llama_vocab_is_eog(self._vocab, token):
-            self._finish(sequence, "stop")
+            self._finish(sequence, DoneReason.STOP)
             return
         sequence.generated.append(token)
         piece = sequence.decoder.feed(token)
@@ -252,11 +253,11 @@ class BatchedLlamaCppSession(LlamaCppSession):
         elif piece:
             sequence.emit(piece)
         if len(sequence.generated) >= limit:
-            self._finish(sequence, "length")
+            self._finish(sequence, DoneReason.LENGTH)
             return
         shift = options.shift and options.num_predict != -2
         if len(self._slots[sequence.slot]) >= self._n_ctx and not (shift and self._shift(sequence)):
-            self._finish(sequence, "length")
+            self._finish(sequence, DoneReason.LENGTH)
             return
         sequence.next_token = token
 
@@ -285,7 +286,7 @@ class BatchedLlamaCppSession(LlamaCppSession):
         """Like the serial session's log-probabilities, from the logits at batch position `index`."""
         return self._logprob_at_position(self._ctx.ctx, index, token, top)
 
-    def _finish(self, sequence: _Sequence, reason: str) -> None:
+    def _finish(self, sequence: _Sequence, reason: DoneReason) -> None:
         tail = sequence.decoder.flush()
         if sequence.logprobs:
             sequence.emit(tail, sequence.logprobs)
@@ -295,7 +296,7 @@ class BatchedLlamaCppSession(LlamaCppSession):
         prompt_done = sequence.prompt_done_ns or finished
         fed = len(sequence.tokens) - sequence.reused - len(sequence.pending)
         if sequence.pending:  # aborted while its prompt was being fed: the slot holds a partial prompt
-            reason = "abort"
+            reason = DoneReason.ABORT
         sequence.stats = GenerationStats(
             done_reason=reason,
             prompt_tokens=len(sequence.tokens),

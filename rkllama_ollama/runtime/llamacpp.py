@@ -36,8 +36,10 @@ from typing import TYPE_CHECKING, Any
 from rkllama_ollama.runtime.base import (
     Cancel,
     ContextOverflow,
+    DoneReason,
     EmbedResult,
     EmitPiece,
+    Engine,
     GenerationStats,
     InvalidInput,
     LoadSpec,
@@ -175,7 +177,7 @@ class LlamaCppSession:
             self._kv_cache_bytes(self._llm.metadata),
         )
         self._conversations = ConversationCache(
-            Path(spec.kv_cache_dir) if spec.kv_cache_dir else None, "llamacpp", budget
+            Path(spec.kv_cache_dir) if spec.kv_cache_dir else None, Engine.LLAMACPP, budget
         )
         logger.info(
             "loaded %s: n_ctx=%d threads=%d (%s%s) embedding=%s in %.3f s",
@@ -322,17 +324,17 @@ class LlamaCppSession:
         logprobs: list[TokenLogprob] = []  # entries of tokens not yet handed over with a piece
         limit = options.num_predict if options.num_predict >= 0 else self._n_ctx
         shift = options.shift and options.num_predict != -2  # -2 means "fill the context", then stop
-        done_reason = "length"
+        done_reason = DoneReason.LENGTH
         if llm.n_tokens < len(tokens):
-            done_reason = "abort"
+            done_reason = DoneReason.ABORT
             limit = 0
         while len(generated) < limit:
             if cancel.is_set():
-                done_reason = "abort"
+                done_reason = DoneReason.ABORT
                 break
             token = sampler.sample(llm._ctx, -1)
             if llama_cpp.llama_vocab_is_eog(self._vocab, token):
-                done_reason = "stop"
+                done_reason = DoneReason.STOP
                 break
             generated.append(token)
             piece = decoder.feed(token)

@@ -45,6 +45,7 @@ from rkllama_ollama.runtime.base import (
     NATIVE_LOG_ENV,
     Cancel,
     ContextOverflow,
+    DoneReason,
     EmbedResult,
     EmitPiece,
     GenerationStats,
@@ -663,11 +664,11 @@ class RkllmSession:
             prompt_eval_ns = int((first - started) * 1e9)
             eval_ns = int((ended - first) * 1e9)
         if run.aborted:
-            done_reason = "abort"
+            done_reason = DoneReason.ABORT
         elif run.limit_reached or len(tokens) + eval_count >= context:
-            done_reason = "length"
+            done_reason = DoneReason.LENGTH
         else:
-            done_reason = "stop"
+            done_reason = DoneReason.STOP
         return GenerationStats(
             done_reason=done_reason,
             prompt_tokens=len(tokens),
@@ -681,7 +682,7 @@ class RkllmSession:
 
     def _cancelled_before_start(self, tokens: list[int]) -> GenerationStats:
         return GenerationStats(
-            done_reason="abort",
+            done_reason=DoneReason.ABORT,
             prompt_tokens=len(tokens),
             prompt_eval_count=0,
             prompt_eval_ns=0,

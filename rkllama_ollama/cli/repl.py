@@ -11,9 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from rkllama_ollama.cli_format import show_info
-from rkllama_ollama.client import Client, DaemonError
-from rkllama_ollama.options import BOOL_OPTIONS, FLOAT_OPTIONS, INT_OPTIONS, LIST_OPTIONS
+from rkllama_ollama.cli.client import Client, DaemonError
+from rkllama_ollama.cli.formatting import show_info
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +54,8 @@ class ParameterError(ValueError):
 
 def parameter_value(key: str, values: list[str]) -> Any:
     """Type a `/set parameter KEY VALUE...` value the way the daemon's options expect it."""
+    from rkllama_ollama.options import BOOL_OPTIONS, FLOAT_OPTIONS, INT_OPTIONS, LIST_OPTIONS  # the one table
+
     if not values:
         raise ParameterError(f"missing value for {key!r}")
     text = " ".join(values)

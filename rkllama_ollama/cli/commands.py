@@ -1,4 +1,7 @@
-"""The `rkllama-ollama` command."""
+"""The `rkllama-ollama` command: its subcommands and their arguments.
+
+Only the client side loads at start-up (the CLI talks to a daemon over HTTP); `serve`, `doctor` and
+`create` import the server modules they need inside the command (tests/test_layers.py checks it)."""
 
 from __future__ import annotations
 
@@ -10,7 +13,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from rkllama_ollama import __version__
-from rkllama_ollama.cli_format import (
+from rkllama_ollama.cli.client import Client, DaemonError, DaemonUnreachable
+from rkllama_ollama.cli.formatting import (
     PullProgress,
     human_bytes,
     human_time,
@@ -20,11 +24,8 @@ from rkllama_ollama.cli_format import (
     show_info,
     table,
 )
-from rkllama_ollama.cli_repl import Session, is_terminal, run
-from rkllama_ollama.client import Client, DaemonError, DaemonUnreachable
+from rkllama_ollama.cli.repl import Session, is_terminal, run
 from rkllama_ollama.config import ConfigError, Settings, parse_host, settings_from_env
-from rkllama_ollama.models.modelfile import ModelfileError, parse_modelfile
-from rkllama_ollama.models.store import sha256_file
 
 log = logging.getLogger("rkllama_ollama")
 
@@ -169,6 +170,9 @@ def weights_path(modelfile_path: Path, from_: str) -> Path | None:
 
 
 def cmd_create(args: argparse.Namespace, settings: Settings) -> int:
+    from rkllama_ollama.models.modelfile import ModelfileError, parse_modelfile
+    from rkllama_ollama.models.store import sha256_file
+
     path = Path(args.file).expanduser()
     try:
         text = path.read_text(encoding="utf-8")
@@ -308,7 +312,3 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
