@@ -36,6 +36,7 @@ from rkllama_ollama.runtime.base import (
     IMAGE_TAG,
     Cancel,
     ContextOverflow,
+    DoneReason,
     EmitPiece,
     GenerationStats,
     InvalidInput,
@@ -354,16 +355,16 @@ class LlamaCppVisionSession(LlamaCppSession):
         top_logprobs = options.top_logprobs
         logprobs: list[TokenLogprob] = []
         limit = options.num_predict if options.num_predict >= 0 else self._n_ctx
-        done_reason = "length"
+        done_reason = DoneReason.LENGTH
         if len(self._keys) < len(keys):
-            done_reason, limit = "abort", 0
+            done_reason, limit = DoneReason.ABORT, 0
         while len(generated) < limit:
             if cancel.is_set():
-                done_reason = "abort"
+                done_reason = DoneReason.ABORT
                 break
             token = sampler.sample(llm._ctx, -1)
             if llama_cpp.llama_vocab_is_eog(self._vocab, token):
-                done_reason = "stop"
+                done_reason = DoneReason.STOP
                 break
             generated.append(token)
             piece = decoder.feed(token)

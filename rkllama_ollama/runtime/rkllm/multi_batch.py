@@ -38,6 +38,7 @@ from rkllama_ollama.runtime.base import (
     RKLLM_MAX_BATCH,
     Cancel,
     ContextOverflow,
+    DoneReason,
     EmbedResult,
     EmitPiece,
     GenerationStats,
@@ -82,13 +83,13 @@ class _Request:
     started: float = 0.0
     first_token_at: float | None = None
     ended_at: float | None = None
-    reason: str = ""  # set when the request has ended: stop / length / abort
+    reason: DoneReason | None = None  # set when the request has ended
     emit_error: BaseException | None = None
     stats: GenerationStats | None = None
     error: BaseException | None = None
     finished: threading.Event = field(default_factory=threading.Event)
 
-    def end(self, reason: str) -> None:
+    def end(self, reason: DoneReason) -> None:
         if not self.reason:
             self.reason = reason
             self.ended_at = time.perf_counter()
@@ -212,7 +213,7 @@ class MultiBatchRkllmSession(RkllmSession):
     def _run_batch(self, batch: list[_Request]) -> None:
         for request in batch:
             if request.cancel.is_set():
-                request.end("abort")
+                request.end(DoneReason.ABORT)
                 request.stats = self._cancelled_before_start(request.tokens)
         live = [request for request in batch if request.stats is None]
         if not live:
@@ -256,7 +257,7 @@ class MultiBatchRkllmSession(RkllmSession):
 
     def _finish(self, request: _Request, run: _BatchRun, rc: int, ended: float) -> None:
         tail = request.decoder.decode(b"", final=True)
-        if tail and request.reason != "abort" and request.emit_error is None:
+        if tail and request.reason != DoneReason.ABORT and request.emit_error is None:
             try:
                 request.emit(tail)
             except BaseException as exc:  # noqa: BLE001 - raised to this request's caller
@@ -270,9 +271,9 @@ class MultiBatchRkllmSession(RkllmSession):
             )
             return
         eval_count = len(request.token_ids)
-        reason = request.reason or "stop"
-        if reason == "stop" and len(request.tokens) + eval_count >= self._context_limit:
-            reason = "length"
+        reason = request.reason or DoneReason.STOP
+        if reason == DoneReason.STOP and len(request.tokens) + eval_count >= self._context_limit:
+            reason = DoneReason.LENGTH
         first = request.first_token_at if request.first_token_at is not None else ended
         last = request.ended_at if request.ended_at is not None else ended
         request.stats = GenerationStats(
@@ -303,7 +304,7 @@ class MultiBatchRkllmSession(RkllmSession):
         if state == abi.RUN_FINISH:
             run.finished = True
             for request in run.requests:
-                request.end("stop")
+                request.end(DoneReason.STOP)
             return
         if state == abi.RUN_ERROR:
             run.failed = True
@@ -328,11 +329,11 @@ class MultiBatchRkllmSession(RkllmSession):
 
     def _take_step(self, request: _Request, result: Any, now: float) -> None:
         if request.cancel.is_set():
-            request.end("abort")
+            request.end(DoneReason.ABORT)
             return
         token_id = int(result.token_id)
         if token_id < 0:  # this element has finished; the others go on
-            request.end("stop")
+            request.end(DoneReason.STOP)
             return
         if request.first_token_at is None:
             request.first_token_at = now
@@ -344,10 +345,10 @@ class MultiBatchRkllmSession(RkllmSession):
                     request.emit(piece)
                 except BaseException as exc:  # noqa: BLE001 - raised to this request's caller
                     request.emit_error = exc
-                    request.end("abort")
+                    request.end(DoneReason.ABORT)
                     return
         if request.limit > 0 and len(request.token_ids) >= request.limit:
-            request.end("length")
+            request.end(DoneReason.LENGTH)
 
     # ------------------------------------------------------------------ embeddings
 
@@ -391,7 +392,7 @@ class MultiBatchRkllmSession(RkllmSession):
             run = self._batch
             if run is not None and self._handle.value:
                 for request in run.requests:
-                    request.end("abort")
+                    request.end(DoneReason.ABORT)
                 run.abort_sent = True
                 self._lib.rkllm_abort(self._handle)
         self._thread.join()
