@@ -10,7 +10,7 @@ from rkllama_ollama.chat.parse import OutputPipeline
 from rkllama_ollama.generation_events import Content, Event, Thinking
 from rkllama_ollama.generation_relay import NullObserver, Relay
 from rkllama_ollama.runtime.base import DoneReason, GenerationStats, RuntimeFailure
-from rkllama_ollama.runtime.runner import Finished, Piece
+from rkllama_ollama.runtime.runner.protocol import Finished, Piece
 
 
 class Scripted:
