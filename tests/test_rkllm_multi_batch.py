@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from rkllama_ollama.runtime.base import Cancel, GenerationStats, LoadSpec, SamplingOptions
-from rkllama_ollama.runtime.rkllm import abi
+from rkllama_ollama.runtime.rkllm import abi, multi_batch
 from rkllama_ollama.runtime.rkllm.library import RkllmLibrary, open_library
 from rkllama_ollama.runtime.rkllm.multi_batch import MultiBatchRkllmSession
 from rkllama_ollama.runtime.rkllm.session import RkllmRuntime, RkllmSession
@@ -33,6 +33,12 @@ ANSWER = re.compile(r"^(.*) #([0-9a-f]{8})$")
 @pytest.fixture(scope="module")
 def sims() -> dict[str, Path]:
     return build_simulators()
+
+
+@pytest.fixture(autouse=True)
+def patient_gathering(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests started together share a run even on a loaded machine: a longer gathering window."""
+    monkeypatch.setattr(multi_batch, "GATHER_S", 0.5)
 
 
 @pytest.fixture
