@@ -182,7 +182,7 @@ class MultiBatchRkllmSession(RkllmSession):
                 batch = self._take_batch()
             try:
                 self._run_batch(batch)
-            except BaseException as exc:  # noqa: BLE001 - every request of the run gets the failure
+            except Exception as exc:  # noqa: BLE001 - every request of the run gets the failure
                 log.exception("RKLLM multi-batch run failed")
                 error = exc if isinstance(exc, RuntimeFailure) else RuntimeFailure(f"multi-batch run: {exc}")
                 for request in batch:
@@ -245,9 +245,9 @@ class MultiBatchRkllmSession(RkllmSession):
         what it generates is dropped)."""
         inputs = (self._layout.Input * self._n_batch)()
         first = feeds[-1][0]
-        pad = [
-            first if self._tokenizer.feeds_tokens or first < 0x80 else 0x20
-        ]  # text: never half a character
+        # Token input: the first token of the last prompt. Text: its first byte, unless that would be
+        # half a character (then a space).
+        pad = [first if self._tokenizer.feeds_tokens or first < 0x80 else 0x20]
         for index in range(self._n_batch):
             inputs[index] = self._make_input(feeds[index] if index < len(feeds) else pad, keepalive)
         return inputs
