@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from rkllama_ollama.runtime.base import Cancel, GenerationStats, LoadSpec, SamplingOptions
-from rkllama_ollama.runtime.rkllm import abi
+from rkllama_ollama.runtime.rkllm import abi, multi_batch
 from rkllama_ollama.runtime.rkllm.library import RkllmLibrary, open_library
 from rkllama_ollama.runtime.rkllm.multi_batch import MultiBatchRkllmSession
 from rkllama_ollama.runtime.rkllm.session import RkllmRuntime, RkllmSession
@@ -33,6 +33,12 @@ ANSWER = re.compile(r"^(.*) #([0-9a-f]{8})$")
 @pytest.fixture(scope="module")
 def sims() -> dict[str, Path]:
     return build_simulators()
+
+
+@pytest.fixture(autouse=True)
+def patient_gathering(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests started together share a run even on a loaded machine: a longer gathering window."""
+    monkeypatch.setattr(multi_batch, "GATHER_S", 0.5)
 
 
 @pytest.fixture
@@ -362,3 +368,34 @@ def test_closing_ends_the_run_under_way_as_aborted(sims: dict[str, Path], tmp_pa
     session.close()
     thread.join(10)
     assert outcome[0].done_reason == "abort" and 0 < outcome[0].eval_count < 400
+
+
+def test_why_a_load_is_served_one_request_at_a_time() -> None:
+    from types import SimpleNamespace
+
+    from rkllama_ollama.runtime.rkllm.abi import Family
+    from rkllama_ollama.runtime.rkllm.multi_batch import multi_batch_unavailable
+
+    def library(family: Family, version: str) -> Any:
+        return SimpleNamespace(identity=SimpleNamespace(family=family, version=version))
+
+    text = LoadSpec(engine="rkllm", model_path="m.rkllm", parallel=4)
+    vision = LoadSpec(engine="rkllm", model_path="m.rkllm", parallel=4, vision={"encoder": "v.rknn"})
+    assert multi_batch_unavailable(library(Family.F, "1.3.0"), text) is None
+    assert multi_batch_unavailable(library(Family.E, "1.2.1"), text) is None
+    assert "this is 1.1.4" in str(multi_batch_unavailable(library(Family.C, "1.1.4"), text))
+    assert "this is 1.2.1b1" in str(multi_batch_unavailable(library(Family.D_PRIME, "1.2.1b1"), text))
+    assert "not used for vision models" in str(multi_batch_unavailable(library(Family.F, "1.3.0"), vision))
+
+
+@pytest.mark.parametrize("tokenizer", [True, False], ids=["token-input", "prompt-input"])
+def test_free_places_get_a_one_token_input(
+    open_session: Callable[..., RkllmSession], tokenizer: bool
+) -> None:
+    session = open_session("F", parallel=4, tokenizer=tokenizer)
+    text, stats = _generate(session, PROMPTS[3])
+    sizes = (ctypes.c_int * 4)()
+    assert session._lib.rkllm_get_kv_cache_size(session._handle, sizes) == 0
+    assert sizes[0] == stats.prompt_tokens + stats.eval_count
+    # a pad holds its one token and what it generated until the run was stopped with the request's end
+    assert all(1 < size <= 2 + stats.eval_count for size in sizes[1:])

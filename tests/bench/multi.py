@@ -13,7 +13,8 @@
    assumption until measured on a board): four chats one after another on a daemon with
    RKLLAMA_RKLLM_MULTI_BATCH off, then all at once on one with it on (RKLLAMA_NUM_PARALLEL=4), A B A B.
    The simulated answer depends on the prompt, so identical texts prove each answer reached its request.
-   Figure: total generated tokens per second, batched ÷ serial, and the batch sizes the daemon logged.
+   Figures: total generated tokens per second, batched ÷ serial, the batch sizes the daemon logged, and
+   the time to first token of a request alone, off and on (what gathering costs a lone request).
 """
 
 from __future__ import annotations
@@ -149,6 +150,13 @@ def _sim_chat(client: ollama.Client, question: str) -> tuple[str, int]:
     return reply.message.content or "", reply.eval_count or 0
 
 
+def _lone_ttft(client: ollama.Client, question: str) -> float:
+    started = time.perf_counter()
+    for _chunk in client.chat("device", messages=[{"role": "user", "content": question}], stream=True):
+        return time.perf_counter() - started
+    return float("nan")
+
+
 def rkllm_multi_batch(root: Path, rounds: int) -> dict[str, Any]:
     store = root / "models"
     add_sim_model(
@@ -165,6 +173,8 @@ def rkllm_multi_batch(root: Path, rounds: int) -> dict[str, Any]:
     serial_rates: list[float] = []
     batched_rates: list[float] = []
     identical = True
+    lone_off: list[float] = []
+    lone_on: list[float] = []
     with (
         Daemon(store, env=env).start() as off,
         Daemon(store, env={**env, "RKLLAMA_RKLLM_MULTI_BATCH": "1"}).start() as on,
@@ -190,6 +200,9 @@ def rkllm_multi_batch(root: Path, rounds: int) -> dict[str, Any]:
                 thread.join()
             batched_rates.append(sum(n for _, n in batched) / (time.perf_counter() - started))
             identical = identical and [t for t, _ in batched] == [t for t, _ in serial]
+            # A request alone: what the gathering window costs its first token.
+            lone_off.append(_lone_ttft(serial_client, f"Alone {round_}."))
+            lone_on.append(_lone_ttft(batched_client, f"Alone {round_}."))
         sizes = [int(n) for n in BATCH_SIZES.findall(on.log())]
     ratios = [b / s for b, s in zip(batched_rates, serial_rates, strict=True)]
     return {
@@ -201,5 +214,7 @@ def rkllm_multi_batch(root: Path, rounds: int) -> dict[str, Any]:
         "ratio_median": round(statistics.median(ratios), 3),
         "ratio_min": round(min(ratios), 3),
         "batch_sizes_logged": sizes,
+        "lone_request_ttft_ms_off": [round(t * 1e3, 1) for t in lone_off],
+        "lone_request_ttft_ms_on": [round(t * 1e3, 1) for t in lone_on],
         "texts_identical": identical,
     }

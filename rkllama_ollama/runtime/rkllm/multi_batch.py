@@ -13,14 +13,14 @@ How this session uses it:
   streams each element's pieces to its own request;
 - every run is single-turn (keep_history = 0) and feeds each prompt whole: no prefix reuse and no
   conversation caches, the price of sharing one handle between conversations;
-- a run always passes n_batch inputs (the runtime reads that many): free places repeat the last
-  request's input and their output is dropped;
+- a run always passes n_batch inputs (the runtime reads that many): free places get a one-token input
+  (cheap to prefill) and their output is dropped;
 - sampling is set per run (F: RKLLMSamplingParam; E: at init, so a change re-initialises the handle),
   so a run only takes requests whose sampling options are equal; the others wait for the next run.
   num_predict: F bounds the run by the largest request's limit; each request stops at its own limit
   here, and when every request of the run has ended the run is aborted;
 - a request cancelled mid-run stops receiving pieces; the others go on;
-- embeddings (hidden-layer runs) pass n_batch copies of the input and read the first element.
+- embeddings (hidden-layer runs) put the input first, one-token pads after it, and read the first element.
 """
 
 from __future__ import annotations
@@ -183,7 +183,7 @@ class MultiBatchRkllmSession(RkllmSession):
                 batch = self._take_batch()
             try:
                 self._run_batch(batch)
-            except BaseException as exc:  # noqa: BLE001 - every request of the run gets the failure
+            except Exception as exc:  # noqa: BLE001 - every request of the run gets the failure
                 log.exception("RKLLM multi-batch run failed")
                 error = exc if isinstance(exc, RuntimeFailure) else RuntimeFailure(f"multi-batch run: {exc}")
                 for request in batch:
@@ -223,10 +223,8 @@ class MultiBatchRkllmSession(RkllmSession):
             self._ensure_sampling(options)
             limits = [request.limit for request in live]
             num_predict = 0 if 0 in limits else max(limits)
-            keepalive: list[Any] = []
-            inputs = (self._layout.Input * self._n_batch)()
-            for index in range(self._n_batch):
-                inputs[index] = self._make_input(live[min(index, len(live) - 1)].tokens, keepalive)
+            keepalive: list[Any] = []  # what the inputs point at, alive until rkllm_run returns
+            inputs = self._batch_inputs([request.tokens for request in live], keepalive)
             infer = self._make_infer(abi.INFER_GENERATE, False, options, num_predict)
             run = _BatchRun(live)
             started = time.perf_counter()
@@ -241,6 +239,19 @@ class MultiBatchRkllmSession(RkllmSession):
             sum(len(request.token_ids) for request in live),
             (ended - started) * 1e3,
         )
+
+    def _batch_inputs(self, feeds: list[list[int]], keepalive: list[Any]) -> Any:
+        """n_batch RKLLMInput: `feeds`, then one-token inputs in the free places (the runtime reads n_batch
+        inputs whatever the number of requests; a one-token pad adds nearly nothing to the prefill, and
+        what it generates is dropped)."""
+        inputs = (self._layout.Input * self._n_batch)()
+        first = feeds[-1][0]
+        # Token input: the first token of the last prompt. Text: its first byte, unless that would be
+        # half a character (then a space).
+        pad = [first if self._tokenizer.feeds_tokens or first < 0x80 else 0x20]
+        for index in range(self._n_batch):
+            inputs[index] = self._make_input(feeds[index] if index < len(feeds) else pad, keepalive)
+        return inputs
 
     def _execute_batch(self, run: _BatchRun, inputs: Any, infer: Any) -> int:
         with self._handle_lock:
@@ -365,9 +376,7 @@ class MultiBatchRkllmSession(RkllmSession):
                     )
                 tokens = tokens[:context]
             keepalive: list[Any] = []
-            batch_inputs = (self._layout.Input * self._n_batch)()
-            for slot in range(self._n_batch):
-                batch_inputs[slot] = self._make_input(tokens, keepalive)
+            batch_inputs = self._batch_inputs([tokens], keepalive)
             infer = self._make_infer(abi.INFER_GET_LAST_HIDDEN_LAYER, False, None, 0)
             run = _BatchRun([], hidden_mode=True)
             with self._run_lock:
