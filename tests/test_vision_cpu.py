@@ -10,6 +10,9 @@ import base64
 import hashlib
 import importlib.util
 import io
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -297,6 +300,30 @@ def test_show_tags_and_create_with_a_projector(daemon: Daemon, tmp_path: Path) -
         400,
         "a *.gguf projector goes with *.gguf weights",
     )
+
+
+@needs_mtmd
+def test_the_cli_creates_from_an_ollama_modelfile_with_a_projector(daemon: Daemon, tmp_path: Path) -> None:
+    write_tiny_gguf(tmp_path / "weights.gguf", context_length=512, attention=ATTENTION)
+    write_tiny_mmproj(tmp_path / "projector.gguf")
+    (tmp_path / "Modelfile").write_text("FROM ./weights.gguf\nFROM ./projector.gguf\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("OLLAMA_HOST", "RKLLAMA_API_KEY")}
+    env["RKLLAMA_HOST"] = f"127.0.0.1:{daemon.port}"
+    command = [
+        sys.executable,
+        "-m",
+        "rkllama_ollama.cli",
+        "create",
+        "cli-vl",
+        "-f",
+        str(tmp_path / "Modelfile"),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    shown = httpx.post(f"{daemon.url}/api/show", json={"model": "cli-vl"}).json()
+    assert "vision" in shown["capabilities"] and "FROM projector.gguf" in shown["modelfile"]
+    picture = [{"role": "user", "content": "What is in the picture?", "images": [b64(noise_png(1))]}]
+    assert _chat(daemon, "cli-vl", picture).json()["message"]["content"] == _answer(daemon, noise_png(1))
 
 
 def _upload(daemon: Daemon, data: bytes) -> str:
