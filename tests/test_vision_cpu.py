@@ -110,6 +110,8 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     add_vision_model(store, "tiny-vl2", "FROM tiny.gguf\nFROM proj.gguf\n", projector="proj.gguf")
     (store / "text").mkdir()
     write_tiny_gguf(store / "text" / "tiny.gguf")
+    misfit = add_vision_model(store, "misfit")  # a projector into another width than the model's
+    write_tiny_mmproj(misfit / "mmproj-tiny.gguf", n_embd=32)
     with Daemon(store).start() as server:
         yield server
 
@@ -328,6 +330,17 @@ def test_the_cli_creates_from_an_ollama_modelfile_with_a_projector(daemon: Daemo
     assert "vision" in shown["capabilities"] and "FROM projector.gguf" in shown["modelfile"]
     picture = [{"role": "user", "content": "What is in the picture?", "images": [b64(noise_png(1))]}]
     assert _chat(daemon, "cli-vl", picture).json()["message"]["content"] == _answer(daemon, noise_png(1))
+
+
+@needs_mtmd
+def test_a_projector_that_does_not_fit_the_model_is_a_clear_error(daemon: Daemon) -> None:
+    response = _chat(daemon, "misfit", [{"role": "user", "content": "?", "images": [b64(noise_png(1))]}])
+    assert response.status_code == 500
+    error = response.json()["error"]
+    assert error.startswith("could not load the projector ") and error.endswith(
+        "not a multimodal projector for this model (its output width must match the model's embedding width)"
+    )
+    assert _answer(daemon, noise_png(1))  # the other models are unaffected
 
 
 def _upload(daemon: Daemon, data: bytes) -> str:
