@@ -7,7 +7,8 @@ BIN := $(VENV)/bin
 # llama.cpp built portable, with its multimodal library (libmtmd, for GGUF vision models). The wheel is
 # built once per machine and per CMAKE_ARGS into ~/.cache/rkllama-ollama/wheels (tools/llama_cpp_wheel.sh).
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
-LLAMA_CPP_VERSION := 0.3.36
+# The version pinned by the 'cpu' extra in setup.cfg.
+LLAMA_CPP_VERSION := $(shell sed -n 's/^ *llama-cpp-python==\([0-9.]*\).*/\1/p' setup.cfg)
 LLAMA_CPP_STAMP := $(VENV)/.llama-cpp-$(LLAMA_CPP_VERSION)-$(shell printf '%s' '$(CMAKE_ARGS)' | sha256sum | cut -c1-12)
 
 .PHONY: serve install install-test test test-tools lint bench native clean

@@ -10,6 +10,9 @@ import base64
 import hashlib
 import importlib.util
 import io
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -107,6 +110,8 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     add_vision_model(store, "tiny-vl2", "FROM tiny.gguf\nFROM proj.gguf\n", projector="proj.gguf")
     (store / "text").mkdir()
     write_tiny_gguf(store / "text" / "tiny.gguf")
+    misfit = add_vision_model(store, "misfit")  # a projector into another width than the model's
+    write_tiny_mmproj(misfit / "mmproj-tiny.gguf", n_embd=32)
     with Daemon(store).start() as server:
         yield server
 
@@ -231,6 +236,10 @@ def test_bad_pictures_are_a_400(daemon: Daemon) -> None:
     assert truncated.json()["error"].startswith("image 2 cannot be decoded (truncated or corrupt)")
     refused = _chat(daemon, "text", [{"role": "user", "content": "?", "images": [b64(png)]}])
     assert (refused.status_code, refused.json()["error"]) == (400, '"text" does not support images')
+    many = _chat(daemon, "tiny-vl", [{"role": "user", "content": "?", "images": [b64(png)] * 40}])
+    assert many.status_code == 400
+    assert many.json()["error"].startswith("the prompt is 6")  # 40 x 16 picture tokens and the text
+    assert many.json()["error"].endswith("more than the context length of 512 tokens")
     # The runner survived: the model still answers.
     assert _answer(daemon, noise_png(1))
 
@@ -297,6 +306,41 @@ def test_show_tags_and_create_with_a_projector(daemon: Daemon, tmp_path: Path) -
         400,
         "a *.gguf projector goes with *.gguf weights",
     )
+
+
+@needs_mtmd
+def test_the_cli_creates_from_an_ollama_modelfile_with_a_projector(daemon: Daemon, tmp_path: Path) -> None:
+    write_tiny_gguf(tmp_path / "weights.gguf", context_length=512, attention=ATTENTION)
+    write_tiny_mmproj(tmp_path / "projector.gguf")
+    (tmp_path / "Modelfile").write_text("FROM ./weights.gguf\nFROM ./projector.gguf\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("OLLAMA_HOST", "RKLLAMA_API_KEY")}
+    env["RKLLAMA_HOST"] = f"127.0.0.1:{daemon.port}"
+    command = [
+        sys.executable,
+        "-m",
+        "rkllama_ollama.cli",
+        "create",
+        "cli-vl",
+        "-f",
+        str(tmp_path / "Modelfile"),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    shown = httpx.post(f"{daemon.url}/api/show", json={"model": "cli-vl"}).json()
+    assert "vision" in shown["capabilities"] and "FROM projector.gguf" in shown["modelfile"]
+    picture = [{"role": "user", "content": "What is in the picture?", "images": [b64(noise_png(1))]}]
+    assert _chat(daemon, "cli-vl", picture).json()["message"]["content"] == _answer(daemon, noise_png(1))
+
+
+@needs_mtmd
+def test_a_projector_that_does_not_fit_the_model_is_a_clear_error(daemon: Daemon) -> None:
+    response = _chat(daemon, "misfit", [{"role": "user", "content": "?", "images": [b64(noise_png(1))]}])
+    assert response.status_code == 500
+    error = response.json()["error"]
+    assert error.startswith("could not load the projector ") and error.endswith(
+        "not a multimodal projector for this model (its output width must match the model's embedding width)"
+    )
+    assert _answer(daemon, noise_png(1))  # the other models are unaffected
 
 
 def _upload(daemon: Daemon, data: bytes) -> str:

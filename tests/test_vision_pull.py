@@ -107,3 +107,36 @@ def test_catalogue_vision_entries_are_consistent() -> None:
             assert entry.modelfile.projector == entry.encoder and entry.encoder.endswith(".rknn")
             assert soc_of_file(entry.encoder) in (soc, None)
             assert entry.modelfile.extra.get("VISION_FAMILY")
+
+
+async def test_a_gguf_pull_fetches_the_projector_beside_the_weights(tmp_path: Path) -> None:
+    server = FakeHub()
+    weights, projector = b"GGUF-weights", b"GGUF-projector"
+    server.add("someone/Tiny-VL-GGUF", {"tiny-Q4_K_M.gguf": weights, "mmproj-tiny-f16.gguf": projector})
+    server.add(
+        "someone/Tiny-VL-Several",
+        {
+            "tiny-Q4_K_M.gguf": weights,
+            "mmproj-tiny-BF16.gguf": b"bf16",
+            "mmproj-tiny-F16.gguf": projector,
+            "mmproj-tiny-Q8_0.gguf": b"q8",
+        },
+    )
+    server.add("someone/Tiny-Text-GGUF", {"tiny-Q4_K_M.gguf": weights})
+    server.start()
+    try:
+        store = Store(tmp_path / "models", offer_embedded=False)
+        puller = _puller(store, server)
+        for repo in ("someone/Tiny-VL-GGUF", "someone/Tiny-VL-Several"):
+            await _pull(puller, f"hf.co/{repo}")
+            folder = store.resolve(f"hf.co/{repo}").folder
+            modelfile = parse_modelfile((folder / "Modelfile").read_text())
+            assert modelfile.from_ == "tiny-Q4_K_M.gguf" and modelfile.projector is not None
+            assert modelfile.projector.lower().startswith("mmproj-tiny-f16")
+            assert (folder / modelfile.projector).read_bytes() == projector
+        await _pull(puller, "hf.co/someone/Tiny-Text-GGUF")
+        folder = store.resolve("hf.co/someone/Tiny-Text-GGUF").folder
+        assert parse_modelfile((folder / "Modelfile").read_text()).projector is None
+        assert sorted(p.name for p in folder.iterdir() if p.suffix == ".gguf") == ["tiny-Q4_K_M.gguf"]
+    finally:
+        server.stop()

@@ -22,6 +22,7 @@ if ! ls "$dir"/llama_cpp_python-*.whl >/dev/null 2>&1; then
 	tmp=$(mktemp -d "$cache/.build-XXXXXX")
 	chmod 755 "$tmp"
 	trap 'rm -rf "$tmp"' EXIT
+	trap 'exit 1' HUP INT TERM
 	echo "building llama-cpp-python $version (CMAKE_ARGS='${CMAKE_ARGS:-}') into $dir; this takes minutes"
 	start=$(date +%s)
 	"$python" -m pip wheel -q --no-deps --no-cache-dir --wheel-dir "$tmp" "llama-cpp-python==$version"

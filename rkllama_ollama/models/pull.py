@@ -5,7 +5,8 @@ Accepted names:
 - catalogue short names (``qwen2.5:1.5b``): the file built for this board's SoC (see `catalogue`);
 - ``hf.co/<org>/<repo>[:<file or quant>]`` (``huggingface.co/`` too) for ``.gguf`` and ``.rkllm``
   repositories; for GGUF the tag picks the quantisation (``Q4_K_M`` by default, like Ollama), a tag
-  ending in ``.gguf``/``.rkllm`` names the file;
+  ending in ``.gguf``/``.rkllm`` names the file; a GGUF repository's ``mmproj*.gguf`` projector (a
+  vision model) comes along, like a ``.rkllm`` repository's ``.rknn`` encoder;
 - the seed's ``<org>/<repo>/<path/to/file>.rkllm``, stored under the file's stem as model name.
 
 A pull resolves the name against the Hub (``pulling manifest``), downloads the weights into
@@ -59,6 +60,8 @@ log = logging.getLogger(__name__)
 
 HF_HOSTS = ("hf.co", "huggingface.co")
 DEFAULT_GGUF_QUANT = "Q4_K_M"
+# Of several projectors in a GGUF repository, the precision pulled (the first one found).
+PROJECTOR_PRECISIONS = ("f16", "q8_0", "bf16", "f32")
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -235,6 +238,8 @@ class Resolver:
             modelfile.huggingface_path = repo_id
             support = self._tokenizer_files(repo_id, info)
             encoder = self._encoder_beside(repo_id, info, remote)
+        else:
+            encoder = self._projector_beside(repo_id, info)
         return PullPlan(name=name, weights=remote, support=support, modelfile=modelfile, encoder=encoder)
 
     def _seed_path(self, text: str) -> PullPlan:
@@ -383,6 +388,30 @@ class Resolver:
                 "Modelfile with VISION_ENCODER=)",
                 repo_id,
                 weights.base_name,
+            )
+        return None
+
+    def _projector_beside(self, repo_id: str, info: Any) -> RemoteFile | None:
+        """A GGUF vision model's projector: the repo's one `mmproj*.gguf`, or of several (one per
+        precision) the first of F16, Q8_0, BF16, F32 found in the names; none when that does not decide."""
+        projectors = [
+            s
+            for s in info.siblings or []
+            if PurePosixPath(s.rfilename).name.lower().startswith("mmproj")
+            and s.rfilename.lower().endswith(".gguf")
+        ]
+        if len(projectors) > 1:
+            for precision in PROJECTOR_PRECISIONS:
+                pattern = re.compile(rf"(?<![a-z0-9]){precision}(?![a-z0-9])")
+                found = [s for s in projectors if pattern.search(PurePosixPath(s.rfilename).name.lower())]
+                if len(found) == 1:
+                    projectors = found
+                    break
+        if len(projectors) == 1:
+            return self._remote(repo_id, info, projectors[0])
+        if projectors:
+            log.warning(
+                "several mmproj files in %s; none fetched (add one by hand beside the weights)", repo_id
             )
         return None
 

@@ -160,7 +160,7 @@ class LlamaCppVisionSession(LlamaCppSession):
                 )
             if not texts[-1].strip():
                 # Nothing after the last picture: its cells give no logits to sample from, and
-                # llama.cpp would sample through a null pointer and take the runner down.
+                # llama.cpp's sampler aborts the runner (GGML_ASSERT(logits != nullptr)).
                 raise InvalidInput("the prompt ends with an image: a prompt needs text after its last image")
             chunks = self._tokenize(texts, pictures)
         try:

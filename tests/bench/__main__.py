@@ -20,7 +20,9 @@ shared and noisy. Results are printed and written to tests/bench/results/latest.
    engine's ceiling for parallel streams: one llama_decode of 1, 2, 4 sequences (tests/bench/decode_steps.py).
 6. Vision on the simulators: the daemon's cost per image (door check, decode + preparation, encoder
    call) for 448x448 pictures (see tests/bench/vision.py).
-7. Scale-out: requests per second of three simulated boards behind HAProxy against one board behind
+7. Vision on the CPU: the daemon's cost per picture next to libmtmd's, and a repeated picture's request
+   against a new one's (see tests/bench/vision_cpu.py).
+8. Scale-out: requests per second of three simulated boards behind HAProxy against one board behind
    the same router, 12 concurrent clients (see tests/bench/scale_out.py).
 """
 
@@ -46,6 +48,7 @@ from tests.bench import multi as multi_bench
 from tests.bench import rkllm as rkllm_bench
 from tests.bench import scale_out as scale_out_bench
 from tests.bench import vision as vision_bench
+from tests.bench import vision_cpu as vision_cpu_bench
 from tests.support.daemon import Daemon
 from tests.support.tiny_gguf import write_tiny_gguf
 
@@ -227,6 +230,7 @@ def main() -> None:
         )
         results["rkllm_sim"] = rkllm_bench.run(Path(tmp) / "rkllm", args.rounds)
         results["vision_sim"] = vision_bench.run(Path(tmp) / "vision", args.rounds)
+        results["vision_cpu"] = vision_cpu_bench.run(Path(tmp) / "vision-cpu", args.rounds)
         results["conversations"] = conversations_bench.run(
             Path(tmp), smol is not None, min(args.rounds, len(conversations_bench.TOPICS))
         )

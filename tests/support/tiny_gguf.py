@@ -182,7 +182,7 @@ _V_FF = 64
 _V_LAYER = 2
 
 
-def _mmproj_tensors(rng: np.random.Generator) -> dict[str, np.ndarray]:
+def _mmproj_tensors(rng: np.random.Generator, n_embd: int) -> dict[str, np.ndarray]:
     def random(*shape: int, scale: float = 0.5) -> np.ndarray:
         return (rng.standard_normal(shape) * scale).astype(np.float32)
 
@@ -210,15 +210,16 @@ def _mmproj_tensors(rng: np.random.Generator) -> dict[str, np.ndarray]:
         tensors[prefix + "ffn_down.weight"] = random(_V_EMBD, _V_FF, scale=0.2)
         tensors[prefix + "ffn_down.bias"] = random(_V_EMBD, scale=0.05)
     # Large projector weights: the picture's tokens must sway the tiny model's answer.
-    tensors["mm.0.weight"] = random(N_EMBD, _V_EMBD, scale=1.0)
-    tensors["mm.0.bias"] = random(N_EMBD, scale=0.1)
-    tensors["mm.2.weight"] = random(N_EMBD, N_EMBD, scale=1.0)
-    tensors["mm.2.bias"] = random(N_EMBD, scale=0.1)
+    tensors["mm.0.weight"] = random(n_embd, _V_EMBD, scale=1.0)
+    tensors["mm.0.bias"] = random(n_embd, scale=0.1)
+    tensors["mm.2.weight"] = random(n_embd, n_embd, scale=1.0)
+    tensors["mm.2.bias"] = random(n_embd, scale=0.1)
     return tensors
 
 
-def write_tiny_mmproj(path: Path, *, seed: int = 0) -> Path:
-    """Write the tiny projector (`general.architecture` clip, projector type mlp) to `path`."""
+def write_tiny_mmproj(path: Path, *, seed: int = 0, n_embd: int = N_EMBD) -> Path:
+    """Write the tiny projector (`general.architecture` clip, projector type mlp) to `path`; `n_embd` is
+    the width it projects to (the tiny model's unless a test wants a projector that does not fit)."""
     path = Path(path)
     writer = gguf.GGUFWriter(str(path), "clip")
     writer.add_name("Tiny Test Projector")
@@ -231,13 +232,13 @@ def write_tiny_mmproj(path: Path, *, seed: int = 0) -> Path:
     writer.add_uint32("clip.vision.patch_size", MMPROJ_PATCH_SIZE)
     writer.add_uint32("clip.vision.embedding_length", _V_EMBD)
     writer.add_uint32("clip.vision.feed_forward_length", _V_FF)
-    writer.add_uint32("clip.vision.projection_dim", N_EMBD)
+    writer.add_uint32("clip.vision.projection_dim", n_embd)
     writer.add_uint32("clip.vision.block_count", _V_LAYER)
     writer.add_uint32("clip.vision.attention.head_count", _V_HEAD)
     writer.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
     writer.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
     writer.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
-    for name, tensor in _mmproj_tensors(np.random.default_rng(seed + 1000)).items():
+    for name, tensor in _mmproj_tensors(np.random.default_rng(seed + 1000), n_embd).items():
         writer.add_tensor(name, tensor)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
