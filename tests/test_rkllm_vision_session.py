@@ -161,6 +161,7 @@ def test_the_encoder_is_resident_and_embeddings_are_reused(
 ) -> None:
     session = open_vision()
     encoder = session.encoder
+    caplog.clear()  # only what the three requests log (a daemon in this process may have set INFO already)
     with caplog.at_level(logging.INFO):
         first = _run(session, "<image>a", [solid_png(RED)])
         second = _run(session, "<image>b", [solid_png(RED)])
