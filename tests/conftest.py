@@ -57,7 +57,7 @@ def daemon(tiny_store: Path) -> Iterator[Daemon]:
 def served(tiny_store: Path) -> Iterator[Daemon]:
     """The daemon's HTTP server in this process (runners too), on a real port: for HTTP tests that do
     not need to prove the `serve` process or a child runner process. Same interface as `daemon`."""
-    with InProcessDaemon(tiny_store, name="served").start() as server:
+    with InProcessDaemon(tiny_store, name="served", keep_log=False).start() as server:
         yield server
 
 

@@ -24,10 +24,31 @@ from tests.support.daemon import Daemon, free_port
 from tests.support.inprocess_runner import inprocess_runner_factory
 
 _serial = count(1)
+_level_lock = threading.Lock()
+_level_holders: list[int] = [0, logging.NOTSET]  # daemons keeping a log, the package logger's own level
 # What only a process can be given: the runner's native library, the Hugging Face hub's settings, core
 # pinning. The in-process daemon refuses them rather than silently run without (use a live Daemon).
 PROCESS_ONLY = ("RKLLAMA_RKLLM_LIB", "RKLLAMA_RKLLM_VERSION", "RKLLAMA_CPUS", "HF_")
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
+def _hold_info_level() -> None:
+    """The package logs at INFO while some in-process daemon keeps its log (then back as it was: a test
+    that counts records with caplog must not see another test's daemon's level)."""
+    package = logging.getLogger("rkllama_ollama")
+    with _level_lock:
+        if _level_holders[0] == 0:
+            _level_holders[1] = package.level
+            if package.getEffectiveLevel() > logging.INFO:
+                package.setLevel(logging.INFO)
+        _level_holders[0] += 1
+
+
+def _release_info_level() -> None:
+    with _level_lock:
+        _level_holders[0] -= 1
+        if _level_holders[0] == 0:
+            logging.getLogger("rkllama_ollama").setLevel(_level_holders[1])
 
 
 class _ThreadLog(logging.Handler):
@@ -46,6 +67,10 @@ class _ThreadLog(logging.Handler):
 
 @dataclass
 class InProcessDaemon(Daemon):
+    """`keep_log=False` for a long-lived daemon whose log no test reads: the package's log level is then
+    left alone (keeping a log raises it to INFO while the daemon runs)."""
+
+    keep_log: bool = True
     settings: Settings | None = None
     _loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
@@ -65,10 +90,9 @@ class InProcessDaemon(Daemon):
         self.models_dir.mkdir(parents=True, exist_ok=True)
         prefix = f"inproc{next(_serial)}-{self.name or self.port}"
         self._log = _ThreadLog(prefix)
-        package = logging.getLogger("rkllama_ollama")
-        package.addHandler(self._log)
-        if package.getEffectiveLevel() > logging.INFO:
-            package.setLevel(logging.INFO)
+        if self.keep_log:
+            logging.getLogger("rkllama_ollama").addHandler(self._log)
+            _hold_info_level()
         loop = self._loop = asyncio.new_event_loop()
         loop.set_default_executor(ThreadPoolExecutor(thread_name_prefix=f"{prefix}-worker"))
         self._thread = threading.Thread(target=loop.run_forever, name=f"{prefix}-loop", daemon=True)
@@ -90,6 +114,8 @@ class InProcessDaemon(Daemon):
         await web.TCPSite(runner, settings.host, settings.port).start()
 
     def log(self) -> str:
+        if not self.keep_log:
+            raise RuntimeError("this in-process daemon keeps no log: start it with keep_log=True")
         return "\n".join(self._log.lines) if self._log is not None else ""
 
     def runner_pids(self) -> list[int]:
@@ -115,8 +141,9 @@ class InProcessDaemon(Daemon):
         thread.join(30)
         loop.run_until_complete(loop.shutdown_default_executor())
         loop.close()
-        if self._log is not None:
+        if self._log is not None and self.keep_log:
             logging.getLogger("rkllama_ollama").removeHandler(self._log)
+            _release_info_level()
 
     def __enter__(self) -> InProcessDaemon:
         return self
