@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from dataclasses import replace
 
 from aiohttp import web
 
@@ -36,6 +37,7 @@ def run_daemon(settings: Settings) -> int:
 
 async def serve(settings: Settings, notifier: Notifier | None = None) -> int:
     notifier = notifier or Notifier()
+    settings = _checked_multi_batch(settings)
     app = create_app(settings)
     runner = web.AppRunner(
         app,
@@ -120,3 +122,25 @@ async def _shut_down(runner: web.AppRunner, app: web.Application) -> None:
             if model.runner.alive:
                 with contextlib.suppress(ProcessLookupError):
                     model.runner.kill()
+
+
+def _checked_multi_batch(settings: Settings) -> Settings:
+    """RKLLAMA_RKLLM_MULTI_BATCH on a runtime without multi-batch (before 1.2.1) is switched off here, so
+    that loads ask for one sequence and the memory estimate counts one KV cache. When the library's
+    version cannot be told without loading it, the runner decides at load (and logs why it serves one
+    request at a time)."""
+    if not settings.rkllm_multi_batch:
+        return settings
+    from rkllama_ollama.runtime.rkllm.library import has_multi_batch, version_without_loading
+
+    found = version_without_loading()
+    if found is None or has_multi_batch(found[1]) is not False:
+        return settings
+    path, version = found
+    log.warning(
+        "RKLLAMA_RKLLM_MULTI_BATCH is ignored: the RKLLM runtime %s is %s and multi-batch needs 1.2.1 or "
+        "later; .rkllm models serve one request at a time",
+        path,
+        version,
+    )
+    return replace(settings, rkllm_multi_batch=False)

@@ -399,3 +399,26 @@ def test_free_places_get_a_one_token_input(
     assert sizes[0] == stats.prompt_tokens + stats.eval_count
     # a pad holds its one token and what it generated until the run was stopped with the request's end
     assert all(1 < size <= 2 + stats.eval_count for size in sizes[1:])
+
+
+@pytest.mark.parametrize(("family", "capable"), [("C", False), ("D", False), ("E", True), ("F", True)])
+def test_the_daemon_tells_multi_batch_from_the_library_file_without_loading_it(
+    family: str, capable: bool
+) -> None:
+    from rkllama_ollama.runtime.rkllm.library import has_multi_batch, version_without_loading
+    from tests.rkllm_support.sim import SIM_VERSIONS, build_simulators
+
+    path = str(build_simulators()[family])
+    found = version_without_loading({"RKLLAMA_RKLLM_LIB": path})
+    assert found is not None and found[1] == SIM_VERSIONS[family]
+    assert has_multi_batch(found[1]) is capable
+    # RKLLAMA_RKLLM_VERSION wins, as in the runner; an unknown version is "cannot tell"
+    forced = version_without_loading({"RKLLAMA_RKLLM_LIB": path, "RKLLAMA_RKLLM_VERSION": "1.2.3"})
+    assert forced is not None and has_multi_batch(forced[1]) is True
+    assert has_multi_batch("9.9.9") is None
+
+
+def test_without_a_library_the_daemon_cannot_tell_and_leaves_it_to_the_runner(tmp_path: Path) -> None:
+    from rkllama_ollama.runtime.rkllm.library import version_without_loading
+
+    assert version_without_loading({"RKLLAMA_RKLLM_LIB": str(tmp_path / "missing.so")}) is None

@@ -97,7 +97,10 @@ def test_runtimes_before_1_2_1_serve_one_request_at_a_time_with_the_switch_on(st
             thread.join(60)
         assert len(texts) == 2 and all(ANSWER.match(text) for text in texts)
         log = daemon.log()
-        assert "multi-batch needs RKLLM runtime 1.2.1 or later, this is 1.2.0" in log
+        # Told at start-up from the library file: loads ask for one sequence, one KV cache is counted.
+        assert "RKLLAMA_RKLLM_MULTI_BATCH is ignored: the RKLLM runtime" in log
+        assert "is 1.2.0 and multi-batch needs 1.2.1 or later" in log
+        assert "RKLLM multi-batch is on" not in log
         assert re.search(r"loaded model=echo:latest .* parallel=1", log)
         assert _batch_sizes(log) == []
 

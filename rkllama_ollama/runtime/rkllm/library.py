@@ -9,7 +9,8 @@ the NPU can be opened, because from 1.2.0 the banner (which carries the driver v
 after the device is opened.
 
 This module loads the vendor library into the current process; call it only inside the runner
-child process, never in the daemon.
+child process, never in the daemon (except `version_without_loading` and `has_multi_batch`, which read
+the file and never load it).
 """
 
 from __future__ import annotations
@@ -274,6 +275,29 @@ def probe(path: str, timeout: float = PROBE_TIMEOUT_S, environ: dict[str, str] |
 
 
 _identity_cache: dict[tuple[str, int, int], RuntimeIdentity] = {}
+
+
+def version_without_loading(environ: dict[str, str] | None = None) -> tuple[str, str] | None:
+    """(path, version) of the runtime the runner would load, told without loading it: the library's
+    path as the runner finds it, and `RKLLAMA_RKLLM_VERSION` or the one version literal its file
+    carries. None when there is no library here or its file does not say. Safe in the daemon: it reads
+    the file, it never maps it."""
+    env = dict(os.environ) if environ is None else environ
+    try:
+        path = find_library(env)
+    except RkllmLibraryError:
+        return None
+    version = env.get(VERSION_ENV, "").strip() or embedded_version(path)
+    return (path, version) if version else None
+
+
+def has_multi_batch(version: str) -> bool | None:
+    """Whether runtime `version` runs several inputs per rkllm_run (`extend_param.n_batch`, E and F);
+    None for a version the binding does not know."""
+    try:
+        return family_for_version(version) >= Family.E
+    except RkllmLibraryError:
+        return None
 
 
 def identify(path: str, environ: dict[str, str] | None = None) -> RuntimeIdentity:
