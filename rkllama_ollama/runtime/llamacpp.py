@@ -318,43 +318,19 @@ class LlamaCppSession:
         prompt_done = time.perf_counter_ns()
         prompt_eval_count = llm.n_tokens - reused
 
-        generated: list[int] = []
-        decoder = _PieceDecoder(self._token_bytes)
-        top_logprobs = options.top_logprobs
-        logprobs: list[TokenLogprob] = []  # entries of tokens not yet handed over with a piece
-        limit = options.num_predict if options.num_predict >= 0 else self._n_ctx
         shift = options.shift and options.num_predict != -2  # -2 means "fill the context", then stop
-        done_reason = DoneReason.LENGTH
-        if llm.n_tokens < len(tokens):
-            done_reason = DoneReason.ABORT
-            limit = 0
-        while len(generated) < limit:
-            if cancel.is_set():
-                done_reason = DoneReason.ABORT
-                break
-            token = sampler.sample(llm._ctx, -1)
-            if llama_cpp.llama_vocab_is_eog(self._vocab, token):
-                done_reason = DoneReason.STOP
-                break
-            generated.append(token)
-            piece = decoder.feed(token)
-            if top_logprobs >= 0:
-                logprobs.append(self._logprob_entry(llm, token, top_logprobs))
-                if piece:
-                    emit(piece, logprobs)
-                    logprobs = []
-            elif piece:
-                emit(piece)
-            if len(generated) >= limit:
-                break
-            if llm.n_tokens >= self._n_ctx and not (shift and self._shift_context(llm, options.num_keep)):
-                break
-            llm.eval([token])
-        tail = decoder.flush()
-        if logprobs:
-            emit(tail, logprobs)
-        elif tail:
-            emit(tail)
+        generated, done_reason = self._sample_tokens(
+            llm,
+            sampler,
+            options,
+            emit,
+            cancel,
+            prompt_fed=llm.n_tokens >= len(tokens),
+            feed=lambda token: llm.eval([token]),
+            has_room=lambda: (
+                llm.n_tokens < self._n_ctx or (shift and self._shift_context(llm, options.num_keep))
+            ),
+        )
         finished = time.perf_counter_ns()
 
         stats = GenerationStats(
@@ -374,6 +350,58 @@ class LlamaCppSession:
             prompt_eval_count,
         )
         return stats
+
+    def _sample_tokens(
+        self,
+        llm: Any,
+        sampler: Any,
+        options: SamplingOptions,
+        emit: EmitPiece,
+        cancel: Cancel,
+        *,
+        prompt_fed: bool,
+        feed: Callable[[int], None],
+        has_room: Callable[[], bool],
+    ) -> tuple[list[int], DoneReason]:
+        """Sample tokens after a decoded prompt until end of generation, the `num_predict` limit, a
+        cancel or a full context; emit their text (with logprobs when asked). `feed` decodes a sampled
+        token so the next one can be sampled; `has_room` says whether one more fits (and may make room).
+        Nothing is sampled when the prompt was not fully fed (`prompt_fed` false: cancelled). The
+        tokens generated and why generation ended."""
+        generated: list[int] = []
+        decoder = _PieceDecoder(self._token_bytes)
+        top_logprobs = options.top_logprobs
+        logprobs: list[TokenLogprob] = []  # entries of tokens not yet handed over with a piece
+        limit = options.num_predict if options.num_predict >= 0 else self._n_ctx
+        done_reason = DoneReason.LENGTH
+        if not prompt_fed:
+            done_reason, limit = DoneReason.ABORT, 0
+        while len(generated) < limit:
+            if cancel.is_set():
+                done_reason = DoneReason.ABORT
+                break
+            token = sampler.sample(llm._ctx, -1)
+            if self._llama_cpp.llama_vocab_is_eog(self._vocab, token):
+                done_reason = DoneReason.STOP
+                break
+            generated.append(token)
+            piece = decoder.feed(token)
+            if top_logprobs >= 0:
+                logprobs.append(self._logprob_entry(llm, token, top_logprobs))
+                if piece:
+                    emit(piece, logprobs)
+                    logprobs = []
+            elif piece:
+                emit(piece)
+            if len(generated) >= limit or not has_room():
+                break
+            feed(token)
+        tail = decoder.flush()
+        if logprobs:
+            emit(tail, logprobs)
+        elif tail:
+            emit(tail)
+        return generated, done_reason
 
     def _logprob_entry(self, llm: Any, token: int, top: int) -> TokenLogprob:
         """The token's log-probability at the last decoded position."""

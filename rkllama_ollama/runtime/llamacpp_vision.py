@@ -36,16 +36,14 @@ from rkllama_ollama.runtime.base import (
     IMAGE_TAG,
     Cancel,
     ContextOverflow,
-    DoneReason,
     EmitPiece,
     GenerationStats,
     InvalidInput,
     LoadSpec,
     RuntimeFailure,
     SamplingOptions,
-    TokenLogprob,
 )
-from rkllama_ollama.runtime.llamacpp import LlamaCppSession, _PieceDecoder
+from rkllama_ollama.runtime.llamacpp import LlamaCppSession
 
 logger = logging.getLogger(__name__)
 
@@ -350,39 +348,16 @@ class LlamaCppVisionSession(LlamaCppSession):
         prompt_done = time.perf_counter_ns()
         prompt_eval_count = len(self._keys) - reused
 
-        generated: list[int] = []
-        decoder = _PieceDecoder(self._token_bytes)
-        top_logprobs = options.top_logprobs
-        logprobs: list[TokenLogprob] = []
-        limit = options.num_predict if options.num_predict >= 0 else self._n_ctx
-        done_reason = DoneReason.LENGTH
-        if len(self._keys) < len(keys):
-            done_reason, limit = DoneReason.ABORT, 0
-        while len(generated) < limit:
-            if cancel.is_set():
-                done_reason = DoneReason.ABORT
-                break
-            token = sampler.sample(llm._ctx, -1)
-            if llama_cpp.llama_vocab_is_eog(self._vocab, token):
-                done_reason = DoneReason.STOP
-                break
-            generated.append(token)
-            piece = decoder.feed(token)
-            if top_logprobs >= 0:
-                logprobs.append(self._logprob_entry(llm, token, top_logprobs))
-                if piece:
-                    emit(piece, logprobs)
-                    logprobs = []
-            elif piece:
-                emit(piece)
-            if len(generated) >= limit or len(self._keys) >= self._n_ctx:
-                break
-            self._feed_text(llm, [token])
-        tail = decoder.flush()
-        if logprobs:
-            emit(tail, logprobs)
-        elif tail:
-            emit(tail)
+        generated, done_reason = self._sample_tokens(
+            llm,
+            sampler,
+            options,
+            emit,
+            cancel,
+            prompt_fed=len(self._keys) >= len(keys),
+            feed=lambda token: self._feed_text(llm, [token]),
+            has_room=lambda: len(self._keys) < self._n_ctx,
+        )
         finished = time.perf_counter_ns()
         stats = GenerationStats(
             done_reason=done_reason,

@@ -137,18 +137,10 @@ class MultiBatchRkllmSession(RkllmSession):
     def generate(
         self, prompt: str, options: SamplingOptions, emit: EmitPiece, cancel: Cancel | None = None
     ) -> GenerationStats:
-        tokens = self._tokenizer.encode(prompt)
-        if not tokens:
-            raise RuntimeFailure("the prompt is empty")
-        if cancel is not None and cancel.is_set():
-            return self._cancelled_before_start(tokens)
-        if options.top_logprobs >= 0:
-            log.info("log-probabilities are not available from the RKLLM runtime: none are returned")
-        if len(tokens) >= self._context_limit:
-            raise ContextOverflow(
-                f"the prompt is {len(tokens)} tokens but the context window is {self._context_limit} tokens "
-                "(num_ctx); shorten the conversation or raise num_ctx"
-            )
+        # The sampling options are loaded by the batch thread, under the run lock.
+        tokens, cancelled = self._admit_prompt(prompt, options, cancel, load_sampling=False)
+        if cancelled is not None:
+            return cancelled
         request = _Request(tokens, options, emit, cancel or Cancel(), self._request_limit(options))
         request.started = time.perf_counter()
         with self._wake:

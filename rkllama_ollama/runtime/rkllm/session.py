@@ -470,23 +470,35 @@ class RkllmSession:
             return options.num_predict
         return self._load.max_new_tokens if self._load.max_new_tokens > 0 else 0
 
-    def generate(
-        self, prompt: str, options: SamplingOptions, emit: EmitPiece, cancel: Cancel | None = None
-    ) -> GenerationStats:
+    def _admit_prompt(
+        self, prompt: str, options: SamplingOptions, cancel: Cancel | None, *, load_sampling: bool
+    ) -> tuple[list[int], GenerationStats | None]:
+        """The prompt's tokens, refused when empty or too long for the context, and the stats to return
+        at once (else None) when the request was cancelled before it started. With `load_sampling` the
+        handle is first re-initialised for the request's sampling options (before the length check)."""
         tokens = self._tokenizer.encode(prompt)
         if not tokens:
             raise RuntimeFailure("the prompt is empty")
         if cancel is not None and cancel.is_set():
-            return self._cancelled_before_start(tokens)
+            return tokens, self._cancelled_before_start(tokens)
         if options.top_logprobs >= 0:
             log.info("log-probabilities are not available from the RKLLM runtime: none are returned")
-        self._ensure_sampling(options)
-        context = self._context_limit
-        if len(tokens) >= context:
+        if load_sampling:
+            self._ensure_sampling(options)
+        if len(tokens) >= self._context_limit:
             raise ContextOverflow(
-                f"the prompt is {len(tokens)} tokens but the context window is {context} tokens (num_ctx); "
-                "shorten the conversation or raise num_ctx"
+                f"the prompt is {len(tokens)} tokens but the context window is {self._context_limit} "
+                "tokens (num_ctx); shorten the conversation or raise num_ctx"
             )
+        return tokens, None
+
+    def generate(
+        self, prompt: str, options: SamplingOptions, emit: EmitPiece, cancel: Cancel | None = None
+    ) -> GenerationStats:
+        tokens, cancelled = self._admit_prompt(prompt, options, cancel, load_sampling=True)
+        if cancelled is not None:
+            return cancelled
+        context = self._context_limit
         # With the runtime's own template every run is one templated turn: no history is kept across runs.
         keep_history = self._family >= Family.D and not self._runtime_template
         if keep_history and self._kv_dirty:
