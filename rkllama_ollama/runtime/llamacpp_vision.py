@@ -35,7 +35,6 @@ from typing import Any
 from rkllama_ollama.runtime.base import (
     IMAGE_TAG,
     Cancel,
-    ContextOverflow,
     EmitPiece,
     GenerationStats,
     InvalidInput,
@@ -43,7 +42,7 @@ from rkllama_ollama.runtime.base import (
     RuntimeFailure,
     SamplingOptions,
 )
-from rkllama_ollama.runtime.llamacpp import LlamaCppSession
+from rkllama_ollama.runtime.llamacpp import LlamaCppSession, _FedPrompt
 
 logger = logging.getLogger(__name__)
 
@@ -164,17 +163,22 @@ class LlamaCppVisionSession(LlamaCppSession):
         try:
             parts = self._parts(chunks) if chunks is not None else self._text_parts(prompt)
             keys = [key for part in parts for key in part.keys]
-            if not keys:
-                raise RuntimeFailure("the prompt is empty")
-            if len(keys) > self._n_ctx:
-                raise ContextOverflow(
-                    f"the prompt is {len(keys)} tokens long (images included), "
-                    f"more than the context length of {self._n_ctx} tokens"
-                )
+            self._check_prompt_length(len(keys), " (images included)")
             tokens = [key for key in keys if key >= 0]
             sampler = self._build_sampler(options, tokens)
             try:
-                return self._run_parts(llm, parts, keys, options, sampler, emit, cancel or Cancel())
+                stop = cancel or Cancel()
+                return self._generate_from(
+                    llm,
+                    sampler,
+                    options,
+                    emit,
+                    stop,
+                    feed_prompt=lambda: self._feed_parts(llm, parts, keys, stop),
+                    feed_token=lambda token: self._feed_text(llm, [token]),
+                    has_room=lambda: len(self._keys) < self._n_ctx,
+                    unit="cells",
+                )
             except RuntimeError as exc:
                 self._forget(llm)
                 raise RuntimeFailure(f"llama.cpp failed during generation: {exc}") from exc
@@ -322,18 +326,8 @@ class LlamaCppVisionSession(LlamaCppSession):
 
         return llama_pos(value)
 
-    def _run_parts(
-        self,
-        llm: Any,
-        parts: list[_Part],
-        keys: list[int],
-        options: SamplingOptions,
-        sampler: Any,
-        emit: EmitPiece,
-        cancel: Cancel,
-    ) -> GenerationStats:
-        llama_cpp = self._llama_cpp
-        started = time.perf_counter_ns()
+    def _feed_parts(self, llm: Any, parts: list[_Part], keys: list[int], cancel: Cancel) -> _FedPrompt:
+        """Decode the parts past the cached prefix of `keys`, part by part until cancelled."""
         reused = self._reuse(keys)
         offset = 0
         for part in parts:
@@ -344,38 +338,8 @@ class LlamaCppVisionSession(LlamaCppSession):
                 else:
                     self._feed_text(llm, part.keys[max(0, reused - offset) :])
             offset = end
-        llama_cpp.llama_synchronize(llm.ctx)
-        prompt_done = time.perf_counter_ns()
-        prompt_eval_count = len(self._keys) - reused
-
-        generated, done_reason = self._sample_tokens(
-            llm,
-            sampler,
-            options,
-            emit,
-            cancel,
-            prompt_fed=len(self._keys) >= len(keys),
-            feed=lambda token: self._feed_text(llm, [token]),
-            has_room=lambda: len(self._keys) < self._n_ctx,
-        )
-        finished = time.perf_counter_ns()
-        stats = GenerationStats(
-            done_reason=done_reason,
-            prompt_tokens=len(keys),
-            prompt_eval_count=prompt_eval_count,
-            prompt_eval_ns=prompt_done - started,
-            eval_count=len(generated),
-            eval_ns=finished - prompt_done,
-            context=[key for key in keys if key >= 0] + generated,
-        )
-        logger.info(
-            "generated %d tokens (%s), prompt %d cells of which %d fed",
-            stats.eval_count,
-            done_reason,
-            stats.prompt_tokens,
-            prompt_eval_count,
-        )
-        return stats
+        fed = len(self._keys) - reused
+        return _FedPrompt(len(keys), fed, len(self._keys) >= len(keys), [key for key in keys if key >= 0])
 
     # -- lifetime ----------------------------------------------------------------------------
 
