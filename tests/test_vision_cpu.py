@@ -239,7 +239,9 @@ def test_bad_pictures_are_a_400(daemon: Daemon) -> None:
     many = _chat(daemon, "tiny-vl", [{"role": "user", "content": "?", "images": [b64(png)] * 40}])
     assert many.status_code == 400
     assert many.json()["error"].startswith("the prompt is 6")  # 40 x 16 picture tokens and the text
-    assert many.json()["error"].endswith("more than the context length of 512 tokens")
+    assert many.json()["error"].endswith(
+        "tokens long (images included), more than the context length of 512 tokens"
+    )
     # The runner survived: the model still answers.
     assert _answer(daemon, noise_png(1))
 

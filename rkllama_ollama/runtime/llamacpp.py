@@ -30,6 +30,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -117,6 +118,16 @@ class _PieceDecoder:
 
     def flush(self) -> str:
         return self._decoder.decode(b"", final=True)
+
+
+@dataclass(frozen=True)
+class _FedPrompt:
+    """A prompt once decoded into the context, what generation goes on from."""
+
+    length: int  # the positions it takes: its tokens, and the cells of its pictures
+    fed: int  # how many of them were decoded now rather than kept from the cache
+    complete: bool  # False when a cancel stopped the decoding part way
+    tokens: list[int]  # its token ids (pictures left out), the start of the request's `context`
 
 
 class LlamaCppSession:
@@ -272,14 +283,19 @@ class LlamaCppSession:
     def _prompt_tokens(self, prompt: str) -> list[int]:
         """The prompt's tokens, refused when empty or longer than one sequence's context."""
         tokens = self.tokenize(prompt)
-        if not tokens:
+        self._check_prompt_length(len(tokens))
+        return tokens
+
+    def _check_prompt_length(self, length: int, note: str = "") -> None:
+        """Refuse a prompt of no position or of more than one sequence's context (`note` qualifies
+        the length in the message)."""
+        if not length:
             raise RuntimeFailure("the prompt is empty")
-        if len(tokens) > self._n_ctx:
+        if length > self._n_ctx:
             raise ContextOverflow(
-                f"the prompt is {len(tokens)} tokens long, "
+                f"the prompt is {length} tokens long{note}, "
                 f"more than the context length of {self._n_ctx} tokens"
             )
-        return tokens
 
     def generate(
         self, prompt: str, options: SamplingOptions, emit: EmitPiece, cancel: Cancel | None = None
@@ -306,34 +322,69 @@ class LlamaCppSession:
         emit: EmitPiece,
         cancel: Cancel,
     ) -> GenerationStats:
-        llama_cpp = self._llama_cpp
-        started = time.perf_counter_ns()
+        shift = options.shift and options.num_predict != -2  # -2 means "fill the context", then stop
+
+        def has_room() -> bool:
+            return llm.n_tokens < self._n_ctx or (shift and self._shift_context(llm, options.num_keep))
+
+        return self._generate_from(
+            llm,
+            sampler,
+            options,
+            emit,
+            cancel,
+            feed_prompt=lambda: self._feed_prompt(llm, tokens, cancel),
+            feed_token=lambda token: llm.eval([token]),
+            has_room=has_room,
+        )
+
+    def _feed_prompt(self, llm: Any, tokens: list[int], cancel: Cancel) -> _FedPrompt:
+        """Decode what the cache does not already hold of `tokens`, batch by batch until cancelled."""
         reused = self._reuse_or_restore(llm, tokens)
         pending = tokens[reused:]
         for start in range(0, len(pending), llm.n_batch):
             if cancel.is_set():
                 break
             llm.eval(pending[start : start + llm.n_batch])
-        llama_cpp.llama_synchronize(llm.ctx)
+        return _FedPrompt(len(tokens), llm.n_tokens - reused, llm.n_tokens >= len(tokens), tokens)
+
+    def _generate_from(
+        self,
+        llm: Any,
+        sampler: Any,
+        options: SamplingOptions,
+        emit: EmitPiece,
+        cancel: Cancel,
+        *,
+        feed_prompt: Callable[[], _FedPrompt],
+        feed_token: Callable[[int], None],
+        has_room: Callable[[], bool],
+        unit: str = "tokens",
+    ) -> GenerationStats:
+        """Feed the prompt, then sample tokens until end of generation, the `num_predict` limit, a
+        cancel or a full context, emitting their text (with logprobs when asked). `feed_token` decodes
+        a sampled token so the next one can be sampled; `has_room` says whether one more fits (and may
+        make room). Nothing is sampled after a prompt a cancel cut short. `unit` names the prompt's
+        positions in the log line."""
+        started = time.perf_counter_ns()
+        prompt = feed_prompt()
+        self._llama_cpp.llama_synchronize(llm.ctx)
         prompt_done = time.perf_counter_ns()
-        prompt_eval_count = llm.n_tokens - reused
 
         generated: list[int] = []
         decoder = _PieceDecoder(self._token_bytes)
         top_logprobs = options.top_logprobs
         logprobs: list[TokenLogprob] = []  # entries of tokens not yet handed over with a piece
         limit = options.num_predict if options.num_predict >= 0 else self._n_ctx
-        shift = options.shift and options.num_predict != -2  # -2 means "fill the context", then stop
         done_reason = DoneReason.LENGTH
-        if llm.n_tokens < len(tokens):
-            done_reason = DoneReason.ABORT
-            limit = 0
+        if not prompt.complete:
+            done_reason, limit = DoneReason.ABORT, 0
         while len(generated) < limit:
             if cancel.is_set():
                 done_reason = DoneReason.ABORT
                 break
             token = sampler.sample(llm._ctx, -1)
-            if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+            if self._llama_cpp.llama_vocab_is_eog(self._vocab, token):
                 done_reason = DoneReason.STOP
                 break
             generated.append(token)
@@ -345,11 +396,9 @@ class LlamaCppSession:
                     logprobs = []
             elif piece:
                 emit(piece)
-            if len(generated) >= limit:
+            if len(generated) >= limit or not has_room():
                 break
-            if llm.n_tokens >= self._n_ctx and not (shift and self._shift_context(llm, options.num_keep)):
-                break
-            llm.eval([token])
+            feed_token(token)
         tail = decoder.flush()
         if logprobs:
             emit(tail, logprobs)
@@ -359,19 +408,20 @@ class LlamaCppSession:
 
         stats = GenerationStats(
             done_reason=done_reason,
-            prompt_tokens=len(tokens),
-            prompt_eval_count=prompt_eval_count,
+            prompt_tokens=prompt.length,
+            prompt_eval_count=prompt.fed,
             prompt_eval_ns=prompt_done - started,
             eval_count=len(generated),
             eval_ns=finished - prompt_done,
-            context=tokens + generated,
+            context=prompt.tokens + generated,
         )
         logger.info(
-            "generated %d tokens (%s), prompt %d tokens of which %d fed",
+            "generated %d tokens (%s), prompt %d %s of which %d fed",
             stats.eval_count,
             done_reason,
             stats.prompt_tokens,
-            prompt_eval_count,
+            unit,
+            prompt.fed,
         )
         return stats
 

@@ -35,17 +35,14 @@ from typing import Any
 from rkllama_ollama.runtime.base import (
     IMAGE_TAG,
     Cancel,
-    ContextOverflow,
-    DoneReason,
     EmitPiece,
     GenerationStats,
     InvalidInput,
     LoadSpec,
     RuntimeFailure,
     SamplingOptions,
-    TokenLogprob,
 )
-from rkllama_ollama.runtime.llamacpp import LlamaCppSession, _PieceDecoder
+from rkllama_ollama.runtime.llamacpp import LlamaCppSession, _FedPrompt
 
 logger = logging.getLogger(__name__)
 
@@ -166,17 +163,22 @@ class LlamaCppVisionSession(LlamaCppSession):
         try:
             parts = self._parts(chunks) if chunks is not None else self._text_parts(prompt)
             keys = [key for part in parts for key in part.keys]
-            if not keys:
-                raise RuntimeFailure("the prompt is empty")
-            if len(keys) > self._n_ctx:
-                raise ContextOverflow(
-                    f"the prompt is {len(keys)} tokens long (images included), "
-                    f"more than the context length of {self._n_ctx} tokens"
-                )
+            self._check_prompt_length(len(keys), " (images included)")
             tokens = [key for key in keys if key >= 0]
             sampler = self._build_sampler(options, tokens)
             try:
-                return self._run_parts(llm, parts, keys, options, sampler, emit, cancel or Cancel())
+                stop = cancel or Cancel()
+                return self._generate_from(
+                    llm,
+                    sampler,
+                    options,
+                    emit,
+                    stop,
+                    feed_prompt=lambda: self._feed_parts(llm, parts, keys, stop),
+                    feed_token=lambda token: self._feed_text(llm, [token]),
+                    has_room=lambda: len(self._keys) < self._n_ctx,
+                    unit="cells",
+                )
             except RuntimeError as exc:
                 self._forget(llm)
                 raise RuntimeFailure(f"llama.cpp failed during generation: {exc}") from exc
@@ -324,18 +326,8 @@ class LlamaCppVisionSession(LlamaCppSession):
 
         return llama_pos(value)
 
-    def _run_parts(
-        self,
-        llm: Any,
-        parts: list[_Part],
-        keys: list[int],
-        options: SamplingOptions,
-        sampler: Any,
-        emit: EmitPiece,
-        cancel: Cancel,
-    ) -> GenerationStats:
-        llama_cpp = self._llama_cpp
-        started = time.perf_counter_ns()
+    def _feed_parts(self, llm: Any, parts: list[_Part], keys: list[int], cancel: Cancel) -> _FedPrompt:
+        """Decode the parts past the cached prefix of `keys`, part by part until cancelled."""
         reused = self._reuse(keys)
         offset = 0
         for part in parts:
@@ -346,61 +338,8 @@ class LlamaCppVisionSession(LlamaCppSession):
                 else:
                     self._feed_text(llm, part.keys[max(0, reused - offset) :])
             offset = end
-        llama_cpp.llama_synchronize(llm.ctx)
-        prompt_done = time.perf_counter_ns()
-        prompt_eval_count = len(self._keys) - reused
-
-        generated: list[int] = []
-        decoder = _PieceDecoder(self._token_bytes)
-        top_logprobs = options.top_logprobs
-        logprobs: list[TokenLogprob] = []
-        limit = options.num_predict if options.num_predict >= 0 else self._n_ctx
-        done_reason = DoneReason.LENGTH
-        if len(self._keys) < len(keys):
-            done_reason, limit = DoneReason.ABORT, 0
-        while len(generated) < limit:
-            if cancel.is_set():
-                done_reason = DoneReason.ABORT
-                break
-            token = sampler.sample(llm._ctx, -1)
-            if llama_cpp.llama_vocab_is_eog(self._vocab, token):
-                done_reason = DoneReason.STOP
-                break
-            generated.append(token)
-            piece = decoder.feed(token)
-            if top_logprobs >= 0:
-                logprobs.append(self._logprob_entry(llm, token, top_logprobs))
-                if piece:
-                    emit(piece, logprobs)
-                    logprobs = []
-            elif piece:
-                emit(piece)
-            if len(generated) >= limit or len(self._keys) >= self._n_ctx:
-                break
-            self._feed_text(llm, [token])
-        tail = decoder.flush()
-        if logprobs:
-            emit(tail, logprobs)
-        elif tail:
-            emit(tail)
-        finished = time.perf_counter_ns()
-        stats = GenerationStats(
-            done_reason=done_reason,
-            prompt_tokens=len(keys),
-            prompt_eval_count=prompt_eval_count,
-            prompt_eval_ns=prompt_done - started,
-            eval_count=len(generated),
-            eval_ns=finished - prompt_done,
-            context=[key for key in keys if key >= 0] + generated,
-        )
-        logger.info(
-            "generated %d tokens (%s), prompt %d cells of which %d fed",
-            stats.eval_count,
-            done_reason,
-            stats.prompt_tokens,
-            prompt_eval_count,
-        )
-        return stats
+        fed = len(self._keys) - reused
+        return _FedPrompt(len(keys), fed, len(self._keys) >= len(keys), [key for key in keys if key >= 0])
 
     # -- lifetime ----------------------------------------------------------------------------
 

@@ -37,7 +37,6 @@ from typing import Any
 from rkllama_ollama.runtime.base import (
     RKLLM_MAX_BATCH,
     Cancel,
-    ContextOverflow,
     DoneReason,
     EmbedResult,
     EmitPiece,
@@ -137,18 +136,10 @@ class MultiBatchRkllmSession(RkllmSession):
     def generate(
         self, prompt: str, options: SamplingOptions, emit: EmitPiece, cancel: Cancel | None = None
     ) -> GenerationStats:
-        tokens = self._tokenizer.encode(prompt)
-        if not tokens:
-            raise RuntimeFailure("the prompt is empty")
-        if cancel is not None and cancel.is_set():
-            return self._cancelled_before_start(tokens)
-        if options.top_logprobs >= 0:
-            log.info("log-probabilities are not available from the RKLLM runtime: none are returned")
-        if len(tokens) >= self._context_limit:
-            raise ContextOverflow(
-                f"the prompt is {len(tokens)} tokens but the context window is {self._context_limit} tokens "
-                "(num_ctx); shorten the conversation or raise num_ctx"
-            )
+        # The sampling options are loaded by the batch thread, under the run lock.
+        tokens, cancelled = self._admit_prompt(prompt, options, cancel, load_sampling=False)
+        if cancelled is not None:
+            return cancelled
         request = _Request(tokens, options, emit, cancel or Cancel(), self._request_limit(options))
         request.started = time.perf_counter()
         with self._wake:
@@ -364,32 +355,16 @@ class MultiBatchRkllmSession(RkllmSession):
     # ------------------------------------------------------------------ embeddings
 
     def embed(self, inputs: list[str], truncate: bool) -> EmbedResult:
-        vectors: list[list[float]] = []
-        total = 0
-        context = self._context_limit
-        for index, text in enumerate(inputs):
-            tokens = self._tokenizer.encode(text) or self._tokenizer.encode(" ")
-            if len(tokens) > context:
-                if not truncate:
-                    raise ContextOverflow(
-                        f"input {index} is {len(tokens)} tokens, more than the context window ({context})"
-                    )
-                tokens = tokens[:context]
-            keepalive: list[Any] = []
-            batch_inputs = self._batch_inputs([tokens], keepalive)
-            infer = self._make_infer(abi.INFER_GET_LAST_HIDDEN_LAYER, False, None, 0)
-            run = _BatchRun([], hidden_mode=True)
-            with self._run_lock:
-                rc = self._execute_batch(run, batch_inputs, infer)
-            if run.failed or rc != 0 or run.hidden is None:
-                raise RuntimeFailure(
-                    f"the RKLLM runtime returned no hidden states for input {index} (rc={rc})"
-                )
-            vectors.append(list(run.hidden))
-            total += len(tokens)
-        if vectors and self.info.embedding_length != len(vectors[0]):
-            self.info = replace(self.info, embedding_length=len(vectors[0]))
-        return EmbedResult(vectors=vectors, prompt_tokens=total)
+        return self._embed_inputs(inputs, truncate)  # batches keep no conversation to forget
+
+    def _hidden_state(self, tokens: list[int]) -> tuple[list[float] | None, int]:
+        keepalive: list[Any] = []
+        batch_inputs = self._batch_inputs([tokens], keepalive)
+        infer = self._make_infer(abi.INFER_GET_LAST_HIDDEN_LAYER, False, None, 0)
+        run = _BatchRun([], hidden_mode=True)
+        with self._run_lock:
+            rc = self._execute_batch(run, batch_inputs, infer)
+        return (None if run.failed or rc != 0 else run.hidden), rc
 
     # ------------------------------------------------------------------ lifetime
 

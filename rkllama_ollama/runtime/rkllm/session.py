@@ -470,23 +470,35 @@ class RkllmSession:
             return options.num_predict
         return self._load.max_new_tokens if self._load.max_new_tokens > 0 else 0
 
-    def generate(
-        self, prompt: str, options: SamplingOptions, emit: EmitPiece, cancel: Cancel | None = None
-    ) -> GenerationStats:
+    def _admit_prompt(
+        self, prompt: str, options: SamplingOptions, cancel: Cancel | None, *, load_sampling: bool
+    ) -> tuple[list[int], GenerationStats | None]:
+        """The prompt's tokens, refused when empty or too long for the context, and the stats to return
+        at once (else None) when the request was cancelled before it started. With `load_sampling` the
+        handle is first re-initialised for the request's sampling options (before the length check)."""
         tokens = self._tokenizer.encode(prompt)
         if not tokens:
             raise RuntimeFailure("the prompt is empty")
         if cancel is not None and cancel.is_set():
-            return self._cancelled_before_start(tokens)
+            return tokens, self._cancelled_before_start(tokens)
         if options.top_logprobs >= 0:
             log.info("log-probabilities are not available from the RKLLM runtime: none are returned")
-        self._ensure_sampling(options)
-        context = self._context_limit
-        if len(tokens) >= context:
+        if load_sampling:
+            self._ensure_sampling(options)
+        if len(tokens) >= self._context_limit:
             raise ContextOverflow(
-                f"the prompt is {len(tokens)} tokens but the context window is {context} tokens (num_ctx); "
-                "shorten the conversation or raise num_ctx"
+                f"the prompt is {len(tokens)} tokens but the context window is {self._context_limit} "
+                "tokens (num_ctx); shorten the conversation or raise num_ctx"
             )
+        return tokens, None
+
+    def generate(
+        self, prompt: str, options: SamplingOptions, emit: EmitPiece, cancel: Cancel | None = None
+    ) -> GenerationStats:
+        tokens, cancelled = self._admit_prompt(prompt, options, cancel, load_sampling=True)
+        if cancelled is not None:
+            return cancelled
+        context = self._context_limit
         # With the runtime's own template every run is one templated turn: no history is kept across runs.
         keep_history = self._family >= Family.D and not self._runtime_template
         if keep_history and self._kv_dirty:
@@ -694,36 +706,45 @@ class RkllmSession:
     # ------------------------------------------------------------------ embeddings / tokens
 
     def embed(self, inputs: list[str], truncate: bool) -> EmbedResult:
-        vectors: list[list[float]] = []
-        total = 0
-        context = self._context_limit
         try:
-            for index, text in enumerate(inputs):
-                tokens = self._tokenizer.encode(text) or self._tokenizer.encode(" ")
-                if len(tokens) > context:
-                    if not truncate:
-                        raise ContextOverflow(
-                            f"input {index} is {len(tokens)} tokens, more than the context window ({context})"
-                        )
-                    tokens = tokens[:context]
-                run = _Run(emit=None, num_predict=0, abort_on_limit=False, hidden_mode=True)
-                keepalive: list[Any] = []
-                rkllm_input = self._make_input(tokens, keepalive)
-                infer = self._make_infer(abi.INFER_GET_LAST_HIDDEN_LAYER, False, None, 0)
-                rc = self._execute(run, rkllm_input, infer)
-                if run.failed or rc != 0 or run.hidden is None:
-                    raise RuntimeFailure(
-                        f"the RKLLM runtime returned no hidden states for input {index} (rc={rc})"
-                    )
-                vectors.append(list(run.hidden))
-                total += len(tokens)
+            return self._embed_inputs(inputs, truncate)
         finally:
             # Hidden-layer runs do not continue the conversation: start the next turn from scratch.
             self._cached = []
             self._kv_dirty = self._family >= Family.D
+
+    def _embed_inputs(self, inputs: list[str], truncate: bool) -> EmbedResult:
+        """One hidden-state vector per input (cut to the context with `truncate`, else refused)."""
+        vectors: list[list[float]] = []
+        total = 0
+        context = self._context_limit
+        for index, text in enumerate(inputs):
+            tokens = self._tokenizer.encode(text) or self._tokenizer.encode(" ")
+            if len(tokens) > context:
+                if not truncate:
+                    raise ContextOverflow(
+                        f"input {index} is {len(tokens)} tokens, more than the context window ({context})"
+                    )
+                tokens = tokens[:context]
+            hidden, rc = self._hidden_state(tokens)
+            if hidden is None:
+                raise RuntimeFailure(
+                    f"the RKLLM runtime returned no hidden states for input {index} (rc={rc})"
+                )
+            vectors.append(list(hidden))
+            total += len(tokens)
         if vectors and self.info.embedding_length != len(vectors[0]):
             self.info = replace(self.info, embedding_length=len(vectors[0]))
         return EmbedResult(vectors=vectors, prompt_tokens=total)
+
+    def _hidden_state(self, tokens: list[int]) -> tuple[list[float] | None, int]:
+        """The last hidden layer for `tokens` (None when the run failed or gave none) and the run's rc."""
+        run = _Run(emit=None, num_predict=0, abort_on_limit=False, hidden_mode=True)
+        keepalive: list[Any] = []
+        rkllm_input = self._make_input(tokens, keepalive)
+        infer = self._make_infer(abi.INFER_GET_LAST_HIDDEN_LAYER, False, None, 0)
+        rc = self._execute(run, rkllm_input, infer)
+        return (None if run.failed or rc != 0 else run.hidden), rc
 
     def tokenize(self, text: str) -> list[int]:
         return self._tokenizer.encode(text)
