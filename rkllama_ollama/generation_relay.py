@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, Iterable
 from dataclasses import replace
 from typing import Any, Protocol
 
 from rkllama_ollama.chat.parse import OutputPipeline
 from rkllama_ollama.generation_events import Content, Done, Event, Thinking, ToolCallEvent
 from rkllama_ollama.runtime.base import DoneReason, GenerationStats, RuntimeFailure, TokenLogprob
-from rkllama_ollama.runtime.runner.protocol import Finished, Piece
+from rkllama_ollama.runtime.runner.protocol import Finished, Generation, Piece
 from rkllama_ollama.structured import Format, InvalidStructuredAnswer, validated_answer
 
 log = logging.getLogger(__name__)
@@ -57,16 +57,6 @@ class NullObserver:
         pass
 
 
-class PieceStream(Protocol):
-    """A running generation in a runner (runtime/runner.py RunnerGeneration)."""
-
-    def __aiter__(self) -> AsyncIterator[Piece | Finished]: ...
-
-    def abort(self) -> None: ...
-
-    async def aclose(self) -> None: ...
-
-
 class Relay:
     """One generation's way from pieces to events. `events()` yields them; once it has ended, `done()`
     is the final event."""
@@ -87,7 +77,7 @@ class Relay:
         self.stats: GenerationStats | None = None
         self.stopped = False  # a stop sequence ended the answer
 
-    async def events(self, generation: PieceStream) -> AsyncGenerator[Event, None]:
+    async def events(self, generation: Generation) -> AsyncGenerator[Event, None]:
         pipeline, held = self.pipeline, self.held
         last_piece_ns = 0
         try:
