@@ -18,6 +18,7 @@ from collections.abc import Callable
 from rkllama_ollama.runtime.base import (
     Cancel,
     ContextOverflow,
+    Engine,
     GenerationStats,
     InvalidInput,
     LoadSpec,
@@ -53,19 +54,19 @@ log = logging.getLogger("rkllama_ollama.runtime.runner")
 def make_runtime(spec: LoadSpec) -> Runtime:
     """Import the engine only here, inside the runner: the server process never loads native code."""
     engine = spec.engine
-    if engine == "llamacpp" and spec.vision.get("encoder") and not spec.embedding:
+    if engine == Engine.LLAMACPP and spec.vision.get("encoder") and not spec.embedding:
         from rkllama_ollama.runtime.llamacpp_vision import LlamaCppVisionRuntime
 
         return LlamaCppVisionRuntime()
-    if engine == "llamacpp" and spec.parallel > 1 and not spec.embedding:
+    if engine == Engine.LLAMACPP and spec.parallel > 1 and not spec.embedding:
         from rkllama_ollama.runtime.batched import BatchedLlamaCppRuntime
 
         return BatchedLlamaCppRuntime()
-    if engine == "llamacpp":
+    if engine == Engine.LLAMACPP:
         from rkllama_ollama.runtime.llamacpp import LlamaCppRuntime
 
         return LlamaCppRuntime()
-    if engine == "rkllm":
+    if engine == Engine.RKLLM:
         from rkllama_ollama.runtime.rkllm.session import RkllmRuntime
 
         return RkllmRuntime()

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rkllama_ollama.runtime.base import NATIVE_LOG_ENV, LoadSpec
+from rkllama_ollama.runtime.base import NATIVE_LOG_ENV, Engine, LoadSpec
 from rkllama_ollama.runtime.runner.client import RunnerClient
 from rkllama_ollama.runtime.runner.codec import FrameBuffer, FrameError, decode_reply, encode
 from rkllama_ollama.runtime.runner.messages import Reply, Request, Shutdown
@@ -153,7 +153,7 @@ class RunnerProcess(RunnerClient):
         """A runner that died while loading (a native library crashed in its init): say what it printed."""
         message = super()._explain_load_death(spec, died)
         tail = self._native_tail
-        if spec.engine == "rkllm":
+        if spec.engine == Engine.RKLLM:
             from rkllama_ollama.runtime.rkllm.startup import diagnose, error_lines
 
             problem = diagnose(tail)
