@@ -244,6 +244,57 @@ def test_bad_pictures_are_a_400(daemon: Daemon) -> None:
     assert _answer(daemon, noise_png(1))
 
 
+TRUNCATED = "conversation truncated to the context of"
+
+
+@needs_mtmd
+def test_a_chat_whose_pictures_outgrow_the_context_loses_its_oldest_turns(daemon: Daemon) -> None:
+    num_ctx = 96  # one turn with its 16-token picture fits; four do not
+    options = {**GREEDY, "num_ctx": num_ctx, "num_predict": 4}
+    chat: list[dict[str, object]] = []
+    for turn in range(4):
+        chat.append({"role": "user", "content": f"Picture {turn}?", "images": [b64(noise_png(20 + turn))]})
+        chat.append({"role": "assistant", "content": "A picture."})
+    chat.pop()
+    truncated = daemon.log().count(TRUNCATED)
+    encoded = daemon.log().count(PICTURE_ENCODED)
+    response = _chat(daemon, "tiny-vl", chat, options=options)
+    assert response.status_code == 200, response.text
+    reply = response.json()
+    assert 0 < reply["prompt_eval_count"] <= num_ctx
+    assert reply["prompt_eval_count"] + reply["eval_count"] <= num_ctx
+    lines = [line for line in daemon.log().splitlines() if TRUNCATED in line]
+    assert len(lines) == truncated + 1
+    assert f"{TRUNCATED} {num_ctx} tokens: kept the last" in lines[-1]
+    kept = int(lines[-1].split("kept the last ")[1].split()[0])
+    assert 1 <= kept < len(chat)
+    # Only the kept turns' pictures reached the encoder (one per kept user message).
+    assert daemon.log().count(PICTURE_ENCODED) - encoded == (kept + 1) // 2
+    # One message whose pictures alone overflow the context is still refused, naming it.
+    alone = [{"role": "user", "content": "Which?", "images": [b64(noise_png(30 + i)) for i in range(6)]}]
+    refused = _chat(daemon, "tiny-vl", alone, options=options)
+    assert refused.status_code == 400
+    assert refused.json()["error"].endswith(f"more than the context length of {num_ctx} tokens")
+
+
+@needs_mtmd
+def test_a_chat_shorter_in_bytes_than_the_context_is_still_counted_with_its_pictures(daemon: Daemon) -> None:
+    # Three turns of 8 pictures: about 350 bytes of prompt but about 420 tokens (8 x 16 per turn), so
+    # the byte-length shortcut would have let it through to a 400 from the runner.
+    num_ctx = 400
+    options = {**GREEDY, "num_ctx": num_ctx, "num_predict": 4}
+    chat: list[dict[str, object]] = []
+    for turn in range(3):
+        pictures = [b64(noise_png(40 + turn))] * 8
+        chat += [{"role": "user", "content": "?", "images": pictures}, {"role": "assistant", "content": "ok"}]
+    chat.pop()
+    truncated = daemon.log().count(TRUNCATED)
+    response = _chat(daemon, "tiny-vl", chat, options=options)
+    assert response.status_code == 200, response.text
+    assert response.json()["prompt_eval_count"] <= num_ctx
+    assert daemon.log().count(TRUNCATED) == truncated + 1
+
+
 @needs_mtmd
 def test_a_raw_prompt_that_would_crash_the_library_is_a_400(daemon: Daemon) -> None:
     _answer(daemon, noise_png(1))
