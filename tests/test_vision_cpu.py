@@ -25,7 +25,7 @@ from PIL import Image
 
 from rkllama_ollama.models.store import Store
 from tests.support.daemon import Daemon
-from tests.support.tiny_gguf import write_tiny_gguf, write_tiny_mmproj
+from tests.support.tiny_gguf import MMPROJ_IMAGE_SIZE, MMPROJ_TOKENS, write_tiny_gguf, write_tiny_mmproj
 
 PROJECTOR_LOADED = "projector loaded:"
 PICTURE_ENCODED = "picture encoded:"
@@ -96,6 +96,30 @@ def test_the_store_finds_a_projector_beside_the_weights(tmp_path: Path) -> None:
         assert entry.vision_settings()["encoder"] == str(entry.vision_encoder)
     plain = store.resolve("text")
     assert plain.vision_encoder is None and "vision" not in plain.capabilities
+
+
+@needs_mtmd
+def test_the_projector_names_its_input_size_and_a_picture_counts_as_its_tokens(tmp_path: Path) -> None:
+    from rkllama_ollama.runtime.base import PICTURE_CELL, Engine, LoadSpec
+    from rkllama_ollama.runtime.llamacpp_vision import LlamaCppVisionSession, projector_image_size
+
+    folder = add_vision_model(tmp_path, "tiny-vl")
+    assert projector_image_size(str(folder / "mmproj-tiny.gguf")) == MMPROJ_IMAGE_SIZE
+    assert projector_image_size(str(folder / "tiny.gguf")) is None  # a model, not a projector
+    assert projector_image_size(str(tmp_path / "missing.gguf")) is None
+    vision = {"encoder": str(folder / "mmproj-tiny.gguf")}
+    spec = LoadSpec(engine=Engine.LLAMACPP, model_path=str(folder / "tiny.gguf"), num_ctx=512, vision=vision)
+    session = LlamaCppVisionSession(spec)
+    try:
+        tokens = session.tokenize("Compare <image><image>please.")
+        # 32x32 pixels in 8x8 patches: 16 tokens per picture, in the tags' places.
+        start = tokens.index(PICTURE_CELL)
+        assert tokens[:start] == session.tokenize("Compare ")
+        assert tokens[start : start + 2 * MMPROJ_TOKENS] == [PICTURE_CELL] * (2 * MMPROJ_TOKENS)
+        assert PICTURE_CELL not in tokens[start + 2 * MMPROJ_TOKENS :]
+        assert PICTURE_CELL not in session.tokenize("Compare please.")
+    finally:
+        session.close()
 
 
 # -- the daemon --------------------------------------------------------------------------------
