@@ -29,7 +29,14 @@ from rkllama_ollama.generation_relay import GenerationObserver, NullObserver, Re
 from rkllama_ollama.models.store import ModelEntry
 from rkllama_ollama.models.tokenizer_fetch import TokenizerFetcher
 from rkllama_ollama.options import layer_options
-from rkllama_ollama.runtime.base import RKLLM_MAX_BATCH, ContextOverflow, Engine, LoadSpec, RuntimeFailure
+from rkllama_ollama.runtime.base import (
+    IMAGE_TAG,
+    RKLLM_MAX_BATCH,
+    ContextOverflow,
+    Engine,
+    LoadSpec,
+    RuntimeFailure,
+)
 from rkllama_ollama.scheduler import LoadedModel, Scheduler
 
 log = logging.getLogger(__name__)
@@ -291,10 +298,13 @@ async def fit_messages(
     """The chat prompt, made to fit `limit` tokens the way Ollama does: the oldest messages are dropped
     first; system messages always stay, and so does the last message (if it alone does not fit, the
     engine refuses the prompt). A kept conversation starts at a user message where one can, since many
-    templates insist that roles alternate from a user turn. Tokenized only when it may not fit."""
+    templates insist that roles alternate from a user turn. Tokenized only when it may not fit: a
+    token is at least one byte (plus a BOS the engine may add), but a picture's `<image>` tag takes the
+    picture's tokens, which a vision runner's `tokenize` counts."""
     prompt = render(messages)
-    if len(prompt.encode("utf-8")) + 1 <= limit or len(await tokenize(prompt)) <= limit:
-        return prompt  # a token is at least one byte (plus a BOS the engine may add)
+    short = IMAGE_TAG not in prompt and len(prompt.encode("utf-8")) + 1 <= limit
+    if short or len(await tokenize(prompt)) <= limit:
+        return prompt
     droppable = [i for i, m in enumerate(messages) if m.get("role") != "system"]
 
     def keeping(count: int) -> list[dict[str, Any]]:

@@ -54,6 +54,35 @@ def test_a_conversation_that_fits_is_untouched_and_short_ones_are_not_even_token
     assert counter.calls == 0
 
 
+class PictureCounter(Counter):
+    """A vision runner's count: each `<image>` tag takes `cells` positions, the rest one per byte."""
+
+    def __init__(self, cells: int) -> None:
+        super().__init__()
+        self.cells = cells
+
+    async def __call__(self, text: str) -> list[int]:
+        self.calls += 1
+        tags = text.count("<image>")
+        return [0] * (len(text) - tags * len("<image>")) + [-1] * (tags * self.cells)
+
+
+def test_a_short_prompt_with_pictures_is_tokenized_and_loses_its_oldest_pictures() -> None:
+    chat = [
+        msg("user", "<image>one"),
+        msg("assistant", "a"),
+        msg("user", "<image>two"),
+        msg("assistant", "b"),
+        msg("user", "<image>three"),
+    ]
+    assert len(render(chat)) < 100  # the byte-length shortcut alone would keep everything
+    counter = PictureCounter(cells=30)
+    kept = fit(chat, 100, counter)
+    assert counter.calls > 0
+    assert kept == render(chat[2:])  # two pictures (60) and their text fit in 100, three (90) do not
+    assert fit(chat, 10_000, PictureCounter(cells=30)) == render(chat)
+
+
 def test_the_oldest_messages_go_first_and_the_system_prompt_stays() -> None:
     kept = fit(CHAT, 130)
     assert kept == render([CHAT[0], CHAT[3], CHAT[4], CHAT[5]])  # starts at a user turn

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from rkllama_ollama.runtime.base import (
+    PICTURE_CELL,
     ContextOverflow,
     InvalidInput,
     LoadSpec,
@@ -190,6 +191,21 @@ def test_too_many_images_for_the_context(open_vision: Callable[..., VisionRkllmS
         ContextOverflow, match=r"too many images for the context: .* more than the context window of 40"
     ):
         _run(session, "<image>" * count + "x" * 30, [solid_png(RED)] * count)
+
+
+def test_tokenize_counts_each_picture_as_the_encoder_output(
+    open_vision: Callable[..., VisionRkllmSession], family: str
+) -> None:
+    session = open_vision(num_ctx=40)
+    count = 1 if family in ("C", "D") else 2
+    prompt = "<image>" * count + "look" + "x" * 30
+    text = session.tokenize("look" + "x" * 30)
+    tokens = session.tokenize(prompt)
+    assert tokens.count(PICTURE_CELL) == count * TOKENS
+    assert [t for t in tokens if t != PICTURE_CELL] == text
+    # The count is the one the session refuses a prompt by (more than the 40 of the context).
+    with pytest.raises(ContextOverflow, match=f"take {count * TOKENS} tokens .* and the text {len(text)},"):
+        _run(session, prompt, [solid_png(RED)] * count)
 
 
 def test_one_image_only_on_families_without_an_image_count(

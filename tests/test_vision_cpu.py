@@ -25,7 +25,7 @@ from PIL import Image
 
 from rkllama_ollama.models.store import Store
 from tests.support.daemon import Daemon
-from tests.support.tiny_gguf import write_tiny_gguf, write_tiny_mmproj
+from tests.support.tiny_gguf import MMPROJ_IMAGE_SIZE, MMPROJ_TOKENS, write_tiny_gguf, write_tiny_mmproj
 
 PROJECTOR_LOADED = "projector loaded:"
 PICTURE_ENCODED = "picture encoded:"
@@ -96,6 +96,30 @@ def test_the_store_finds_a_projector_beside_the_weights(tmp_path: Path) -> None:
         assert entry.vision_settings()["encoder"] == str(entry.vision_encoder)
     plain = store.resolve("text")
     assert plain.vision_encoder is None and "vision" not in plain.capabilities
+
+
+@needs_mtmd
+def test_the_projector_names_its_input_size_and_a_picture_counts_as_its_tokens(tmp_path: Path) -> None:
+    from rkllama_ollama.runtime.base import PICTURE_CELL, Engine, LoadSpec
+    from rkllama_ollama.runtime.llamacpp_vision import LlamaCppVisionSession, projector_image_size
+
+    folder = add_vision_model(tmp_path, "tiny-vl")
+    assert projector_image_size(str(folder / "mmproj-tiny.gguf")) == MMPROJ_IMAGE_SIZE
+    assert projector_image_size(str(folder / "tiny.gguf")) is None  # a model, not a projector
+    assert projector_image_size(str(tmp_path / "missing.gguf")) is None
+    vision = {"encoder": str(folder / "mmproj-tiny.gguf")}
+    spec = LoadSpec(engine=Engine.LLAMACPP, model_path=str(folder / "tiny.gguf"), num_ctx=512, vision=vision)
+    session = LlamaCppVisionSession(spec)
+    try:
+        tokens = session.tokenize("Compare <image><image>please.")
+        # 32x32 pixels in 8x8 patches: 16 tokens per picture, in the tags' places.
+        start = tokens.index(PICTURE_CELL)
+        assert tokens[:start] == session.tokenize("Compare ")
+        assert tokens[start : start + 2 * MMPROJ_TOKENS] == [PICTURE_CELL] * (2 * MMPROJ_TOKENS)
+        assert PICTURE_CELL not in tokens[start + 2 * MMPROJ_TOKENS :]
+        assert PICTURE_CELL not in session.tokenize("Compare please.")
+    finally:
+        session.close()
 
 
 # -- the daemon --------------------------------------------------------------------------------
@@ -244,6 +268,57 @@ def test_bad_pictures_are_a_400(daemon: Daemon) -> None:
     )
     # The runner survived: the model still answers.
     assert _answer(daemon, noise_png(1))
+
+
+TRUNCATED = "conversation truncated to the context of"
+
+
+@needs_mtmd
+def test_a_chat_whose_pictures_outgrow_the_context_loses_its_oldest_turns(daemon: Daemon) -> None:
+    num_ctx = 96  # one turn with its 16-token picture fits; four do not
+    options = {**GREEDY, "num_ctx": num_ctx, "num_predict": 4}
+    chat: list[dict[str, object]] = []
+    for turn in range(4):
+        chat.append({"role": "user", "content": f"Picture {turn}?", "images": [b64(noise_png(20 + turn))]})
+        chat.append({"role": "assistant", "content": "A picture."})
+    chat.pop()
+    truncated = daemon.log().count(TRUNCATED)
+    encoded = daemon.log().count(PICTURE_ENCODED)
+    response = _chat(daemon, "tiny-vl", chat, options=options)
+    assert response.status_code == 200, response.text
+    reply = response.json()
+    assert 0 < reply["prompt_eval_count"] <= num_ctx
+    assert reply["prompt_eval_count"] + reply["eval_count"] <= num_ctx
+    lines = [line for line in daemon.log().splitlines() if TRUNCATED in line]
+    assert len(lines) == truncated + 1
+    assert f"{TRUNCATED} {num_ctx} tokens: kept the last" in lines[-1]
+    kept = int(lines[-1].split("kept the last ")[1].split()[0])
+    assert 1 <= kept < len(chat)
+    # Only the kept turns' pictures reached the encoder (one per kept user message).
+    assert daemon.log().count(PICTURE_ENCODED) - encoded == (kept + 1) // 2
+    # One message whose pictures alone overflow the context is still refused, naming it.
+    alone = [{"role": "user", "content": "Which?", "images": [b64(noise_png(30 + i)) for i in range(6)]}]
+    refused = _chat(daemon, "tiny-vl", alone, options=options)
+    assert refused.status_code == 400
+    assert refused.json()["error"].endswith(f"more than the context length of {num_ctx} tokens")
+
+
+@needs_mtmd
+def test_a_chat_shorter_in_bytes_than_the_context_is_still_counted_with_its_pictures(daemon: Daemon) -> None:
+    # Three turns of 8 pictures: about 350 bytes of prompt but about 420 tokens (8 x 16 per turn), so
+    # the byte-length shortcut would have let it through to a 400 from the runner.
+    num_ctx = 400
+    options = {**GREEDY, "num_ctx": num_ctx, "num_predict": 4}
+    chat: list[dict[str, object]] = []
+    for turn in range(3):
+        pictures = [b64(noise_png(40 + turn))] * 8
+        chat += [{"role": "user", "content": "?", "images": pictures}, {"role": "assistant", "content": "ok"}]
+    chat.pop()
+    truncated = daemon.log().count(TRUNCATED)
+    response = _chat(daemon, "tiny-vl", chat, options=options)
+    assert response.status_code == 200, response.text
+    assert response.json()["prompt_eval_count"] <= num_ctx
+    assert daemon.log().count(TRUNCATED) == truncated + 1
 
 
 @needs_mtmd

@@ -32,8 +32,9 @@ from tests.rkllm_support.vision import (
 )
 from tests.support.daemon import Daemon
 
-RED, BLUE = (255, 0, 0), (0, 0, 255)
+RED, BLUE, GREEN = (255, 0, 0), (0, 0, 255), (0, 255, 0)
 TOKENS, WIDTH = 16, 64
+ROOMY = 210  # the context of a model that holds two turns with a picture each, not three
 ENCODER_INIT = "vision encoder initialised"
 
 
@@ -52,6 +53,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     add_vision_model(store, "vision")
     add_vision_model(store, "crashy", encoder={"crash_on_run": 1})
     add_vision_model(store, "small", max_context_len=40)
+    add_vision_model(store, "roomy", max_context_len=ROOMY)
     add_sim_model(store, "text", reply="plain", tokenizer=True)
     env = {
         "RKLLAMA_RKLLM_LIB": str(library),
@@ -231,6 +233,32 @@ def test_a_truncated_image_is_a_400_naming_it(daemon: Daemon) -> None:
 def test_too_many_images_for_the_context(daemon: Daemon) -> None:
     status, error = _chat_error(daemon, "small", [b64(solid_png(RED))] * 3)
     assert status == 400 and error.startswith("too many images for the context: 3 images take 48 tokens")
+
+
+def test_a_chat_whose_pictures_outgrow_the_context_loses_its_oldest_turns(daemon: Daemon) -> None:
+    # Three turns with a picture each, the first one wordy: 222 tokens with each picture's 16 (195 if
+    # the tags counted as text), in a context of 210. The first turn goes, with its picture; what stays
+    # leaves the simulator (which counts the prompt's bytes) room for its answer naming the pictures.
+    messages: list[dict[str, object]] = []
+    for word, color in (("one", RED), ("two", BLUE), ("three", GREEN)):
+        text = f"Which {word}?" + (" " + "so " * 20 if color == RED else "")
+        messages.append({"role": "user", "content": text, "images": [b64(solid_png(color))]})
+        messages.append({"role": "assistant", "content": "Seen."})
+    messages.pop()
+    body = {"model": "roomy", "stream": False, "messages": messages}
+    response = httpx.post(f"{daemon.url}/api/chat", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    reply = response.json()
+    assert 0 < reply["prompt_eval_count"] <= ROOMY
+    # The runtime saw the last two pictures only, in their order.
+    hashes = [h for _, _, h in answer_images(reply["message"]["content"])]
+    assert hashes == [expected_hash(BLUE, TOKENS, WIDTH), expected_hash(GREEN, TOKENS, WIDTH)]
+    assert f"conversation truncated to the context of {ROOMY} tokens: kept the last 3 of 5" in daemon.log()
+    # One message whose pictures alone overflow the context is still refused, naming it.
+    status, error = _chat_error(daemon, "roomy", [b64(solid_png(RED))] * 13)
+    assert status == 400
+    assert error.startswith("too many images for the context: 13 images take 208 tokens"), error
+    assert f"more than the context window of {ROOMY} tokens (num_ctx)" in error
 
 
 def test_tags_that_do_not_match_the_images(daemon: Daemon) -> None:

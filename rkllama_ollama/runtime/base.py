@@ -19,6 +19,10 @@ from typing import Any, Protocol
 NATIVE_LOG_ENV = "RKLLAMA_RUNNER_NATIVE_LOG"
 # Where an image goes in a prompt given to a vision session: one tag per image, in the images' order.
 IMAGE_TAG = "<image>"
+# What a vision session's `tokenize` gives for each context position a picture takes (its `<image>` tag
+# is counted as the picture's real size, so a conversation is fitted to the context with its pictures).
+# Never a token id: only counted, never fed or detokenized.
+PICTURE_CELL = -1
 # RKLLM multi-batch (RKLLAMA_RKLLM_MULTI_BATCH): most requests in one run; the vendor recommends n_batch <= 8.
 RKLLM_MAX_BATCH = 8
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import io
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -34,6 +35,7 @@ from typing import Any
 
 from rkllama_ollama.runtime.base import (
     IMAGE_TAG,
+    PICTURE_CELL,
     Cancel,
     EmitPiece,
     GenerationStats,
@@ -48,6 +50,63 @@ logger = logging.getLogger(__name__)
 
 _CHUNK_TEXT = 0
 _CHUNK_IMAGE = 1
+_GGUF_TYPE_UINT32 = 4
+_GGUF_TYPE_INT32 = 5
+# The probe picture's side when the projector does not name its encoder's input size.
+FALLBACK_IMAGE_SIZE = 448
+
+
+class _GgufInitParams(ctypes.Structure):
+    _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]
+
+
+def projector_image_size(path: str) -> int | None:
+    """The projector's `clip.vision.image_size` (the side of its encoder's input), read with ggml's own
+    GGUF reader (metadata only); None when the library or the file does not say."""
+    try:
+        from llama_cpp import _ggml
+
+        lib = _ggml.libggml
+        lib.gguf_init_from_file.argtypes = [ctypes.c_char_p, _GgufInitParams]
+        lib.gguf_init_from_file.restype = ctypes.c_void_p
+        lib.gguf_find_key.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        lib.gguf_find_key.restype = ctypes.c_int64
+        lib.gguf_get_kv_type.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+        lib.gguf_get_kv_type.restype = ctypes.c_int
+        lib.gguf_get_val_u32.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+        lib.gguf_get_val_u32.restype = ctypes.c_uint32
+        lib.gguf_get_val_i32.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+        lib.gguf_get_val_i32.restype = ctypes.c_int32
+        lib.gguf_free.argtypes = [ctypes.c_void_p]
+        lib.gguf_free.restype = None
+    except (ImportError, AttributeError, OSError):
+        return None
+    context = lib.gguf_init_from_file(path.encode("utf-8"), _GgufInitParams(True, None))
+    if not context:
+        return None
+    try:
+        key = lib.gguf_find_key(context, b"clip.vision.image_size")
+        if key < 0:
+            return None
+        kind = lib.gguf_get_kv_type(context, key)
+        if kind == _GGUF_TYPE_UINT32:
+            size = int(lib.gguf_get_val_u32(context, key))
+        elif kind == _GGUF_TYPE_INT32:
+            size = int(lib.gguf_get_val_i32(context, key))
+        else:
+            return None
+        return size if size > 0 else None
+    finally:
+        lib.gguf_free(context)
+
+
+def blank_png(side: int) -> bytes:
+    """A grey square picture of `side` pixels, as PNG bytes."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (side, side), (128, 128, 128)).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _import_mtmd() -> Any:
@@ -122,13 +181,55 @@ class LlamaCppVisionSession(LlamaCppSession):
         self._n_past = 0  # the next position
         projector_bytes = Path(projector).stat().st_size
         self.info = replace(self.info, memory_bytes=self.info.memory_bytes + projector_bytes)
+        try:
+            side = projector_image_size(projector) or FALLBACK_IMAGE_SIZE
+            self._picture_cells = self._cells_of_a_picture(side)
+        except BaseException:
+            self.close()
+            raise
         logger.info(
-            "projector loaded: %s (%d MiB) in %.3f s, resident with the model%s",
+            "projector loaded: %s (%d MiB) in %.3f s, resident with the model%s; "
+            "a %dx%d picture takes %d tokens",
             projector,
             projector_bytes >> 20,
             time.perf_counter() - started,
             " (M-RoPE)" if mtmd.mtmd_decode_use_mrope(context) else "",
+            side,
+            side,
+            self._picture_cells,
         )
+
+    def _cells_of_a_picture(self, side: int) -> int:
+        """The KV cells one picture of `side`×`side` pixels takes in a prompt, the model's image markers
+        included: the probe picture is prepared for the encoder (not encoded) and its chunks counted."""
+        mtmd = self._mtmd
+        chunks = self._tokenize(["", ""], [blank_png(side)])
+        try:
+            cells = sum(
+                int(mtmd.mtmd_input_chunk_get_n_tokens(mtmd.mtmd_input_chunks_get(chunks, index)))
+                for index in range(mtmd.mtmd_input_chunks_size(chunks))
+            )
+        finally:
+            mtmd.mtmd_input_chunks_free(chunks)
+        return max(1, cells - len(super().tokenize("")))  # less the BOS the library may have added
+
+    # -- tokens ------------------------------------------------------------------------------
+
+    def tokenize(self, text: str) -> list[int]:
+        """The prompt's tokens as the context will hold them: each `<image>` tag counts as the cells of
+        one picture at the encoder's input size (PICTURE_CELL ids in its place; see `_picture_cells`).
+        Projectors that cut a picture by its size (tiles, dynamic resolution) may take more for a
+        bigger one; the session still refuses a prompt that does not fit."""
+        if IMAGE_TAG not in text:
+            return super().tokenize(text)
+        llm = self._require_open()
+        texts = text.split(IMAGE_TAG)
+        tokens = super().tokenize(texts[0])
+        for piece in texts[1:]:
+            tokens.extend([PICTURE_CELL] * self._picture_cells)
+            if piece:
+                tokens.extend(llm.tokenize(piece.encode("utf-8"), add_bos=False, special=True))
+        return tokens
 
     # -- generation --------------------------------------------------------------------------
 
@@ -189,7 +290,7 @@ class LlamaCppVisionSession(LlamaCppSession):
                 self._mtmd.mtmd_input_chunks_free(chunks)
 
     def _text_parts(self, prompt: str) -> list[_Part]:
-        tokens = self.tokenize(prompt)
+        tokens = super().tokenize(prompt)  # no pictures: an `<image>` here is only text
         return [_Part(tokens, len(tokens))]
 
     def _tokenize(self, texts: list[str], pictures: list[bytes]) -> Any:

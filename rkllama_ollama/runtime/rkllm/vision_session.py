@@ -25,6 +25,7 @@ import numpy as np
 
 from rkllama_ollama.runtime.base import (
     IMAGE_TAG,
+    PICTURE_CELL,
     Cancel,
     ContextOverflow,
     EmitPiece,
@@ -114,6 +115,16 @@ class VisionRkllmSession(RkllmSession):
             super().close()
         finally:
             self.encoder.close()
+
+    def tokenize(self, text: str) -> list[int]:
+        """The prompt as the context will hold it: the text without its `<image>` tags, then for each
+        tag the encoder's output tokens (PICTURE_CELL ids), the count `generate_multimodal` checks
+        against the context."""
+        tags = text.count(IMAGE_TAG)
+        if not tags:
+            return super().tokenize(text)
+        tokens = self._tokenizer.encode(text.replace(IMAGE_TAG, ""))
+        return tokens + [PICTURE_CELL] * (tags * self.encoder.shape.n_tokens)
 
     # ------------------------------------------------------------------ images
 
