@@ -96,6 +96,7 @@ class RunnerProcess(RunnerClient):
             )
         except BaseException:
             native_log.unlink(missing_ok=True)
+            os.close(read_fd)  # no child: nobody will ever write to the event pipe
             raise
         finally:
             os.close(write_fd)
