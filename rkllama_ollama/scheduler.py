@@ -463,9 +463,10 @@ class Scheduler:
 
 async def _stop_to_the_end(runner: Runner) -> None:
     """`runner.stop()` carried to its end even when the caller is cancelled meanwhile (a client that
-    leaves during an eviction, a reload or a delete); the cancellation is raised afterwards. So the load
-    lock is held until the runner is gone (the next load never overlaps a runner still exiting: two on
-    the NPU) and a runner is never left half stopped, with nobody to kill it if it hangs."""
+    leaves during an eviction, a reload or a delete, or the shutdown deadline): the runner is then
+    killed, its stop awaited, and the cancellation raised afterwards. So the load lock is held until the
+    runner is gone (the next load never overlaps a runner still exiting: two on the NPU) and a runner is
+    never left half stopped, with nobody to kill it if it hangs."""
     stopping = asyncio.ensure_future(runner.stop())
     cancelled = False
     while True:
@@ -475,7 +476,9 @@ async def _stop_to_the_end(runner: Runner) -> None:
         except asyncio.CancelledError:
             if stopping.done():
                 raise
-            cancelled = True
+            if not cancelled:
+                cancelled = True
+                runner.kill()  # nobody waits for a graceful exit any more
     if cancelled:
         raise asyncio.CancelledError
 

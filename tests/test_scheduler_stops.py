@@ -86,14 +86,18 @@ class SlowToStop:
         raise NotImplementedError
 
     async def stop(self, timeout: float = 5.0) -> None:
+        """Ends when `gate` is set (a graceful exit) or the runner is killed."""
         self.stopping.set()
-        await self._gate.wait()
+        graceful = asyncio.ensure_future(self._gate.wait())
+        await asyncio.wait([graceful, self._died], return_when=asyncio.FIRST_COMPLETED)
+        graceful.cancel()
         self._events.append(f"stopped {self._path}")
         if not self._died.done():
             self._died.set_result("stopped")
 
     def kill(self) -> None:
         if not self._died.done():
+            self._events.append(f"killed {self._path}")
             self._died.set_result("killed")
 
 
@@ -130,19 +134,18 @@ async def test_a_load_cancelled_while_evicting_the_npu_model_keeps_the_next_load
     leaving.cancel()  # the client went away during the eviction
     await asyncio.sleep(0)
     coming = asyncio.create_task(use(scheduler, second))
-    for _ in range(10):
-        await asyncio.sleep(0)
-    assert events == ["started /nowhere/first.rkllm"]  # nothing else starts while `first` is exiting
-    gate.set()
     with pytest.raises(asyncio.CancelledError):
         await leaving
     await coming
+    # `first` is killed (nobody waits for its graceful exit) and gone before `second` starts.
     assert events == [
         "started /nowhere/first.rkllm",
+        "killed /nowhere/first.rkllm",
         "stopped /nowhere/first.rkllm",
         "started /nowhere/second.rkllm",
     ]
     assert [model.entry.name.display for model in scheduler.loaded_models] == ["second:latest"]
+    gate.set()
     await scheduler.close()
 
 
@@ -155,12 +158,27 @@ async def test_a_delete_cancelled_while_stopping_the_runner_still_stops_it(gate:
     deleting = asyncio.create_task(scheduler.unload_if_loaded(model.name.key))
     await runners[0].stopping.wait()
     deleting.cancel()
-    for _ in range(5):
-        await asyncio.sleep(0)
-    assert not deleting.done()  # the stop goes on to its end
-    gate.set()
     with pytest.raises(asyncio.CancelledError):
         await deleting
-    assert events[-1] == "stopped /nowhere/gone.rkllm"
+    assert events == [
+        "started /nowhere/gone.rkllm",
+        "killed /nowhere/gone.rkllm",
+        "stopped /nowhere/gone.rkllm",
+    ]
+    assert not runners[0].alive
     assert scheduler.loaded_models == []
+    await scheduler.close()
+
+
+async def test_an_uncancelled_stop_is_graceful(gate: asyncio.Event) -> None:
+    events: list[str] = []
+    runners: list[SlowToStop] = []
+    scheduler = scheduler_with(events, runners, gate)
+    model = npu_entry("kept")
+    await use(scheduler, model)
+    deleting = asyncio.create_task(scheduler.unload_if_loaded(model.name.key))
+    await runners[0].stopping.wait()
+    gate.set()
+    await deleting
+    assert events == ["started /nowhere/kept.rkllm", "stopped /nowhere/kept.rkllm"]
     await scheduler.close()
