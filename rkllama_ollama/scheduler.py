@@ -397,7 +397,7 @@ class Scheduler:
         self._cancel_expiry(lane)
         if loaded is not None:
             log.info("unloading model=%s (%s)", loaded.entry.name.display, why)
-            await loaded.runner.stop()
+            await _stop_to_the_end(loaded.runner)
         self._wake_room_waiters()
 
     async def _unload(self, lane: _Lane, why: str) -> None:
@@ -459,6 +459,28 @@ class Scheduler:
             loaded = await self.ensure_loaded(entry, spec, keep_alive_s)
             yield loaded
             self.touch(loaded, keep_alive_s)
+
+
+async def _stop_to_the_end(runner: Runner) -> None:
+    """`runner.stop()` carried to its end even when the caller is cancelled meanwhile (a client that
+    leaves during an eviction, a reload or a delete, or the shutdown deadline): the runner is then
+    killed, its stop awaited, and the cancellation raised afterwards. So the load lock is held until the
+    runner is gone (the next load never overlaps a runner still exiting: two on the NPU) and a runner is
+    never left half stopped, with nobody to kill it if it hangs."""
+    stopping = asyncio.ensure_future(runner.stop())
+    cancelled = False
+    while True:
+        try:
+            await asyncio.shield(stopping)
+            break
+        except asyncio.CancelledError:
+            if stopping.done():
+                raise
+            if not cancelled:
+                cancelled = True
+                runner.kill()  # nobody waits for a graceful exit any more
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 def runner_environment(rkllm_lib: str | None, rkllm_version: str | None, log_level: str) -> dict[str, str]:

@@ -107,6 +107,11 @@ def test_the_wire_keeps_its_shape() -> None:
         (b'{"op": "embed", "id": 6, "inputs": ["a", 1]}', "'embed' frame with a bad 'inputs'", 6),
         (b'{"op": "load", "id": 7, "spec": {"model_path": "x"}}', "'load' frame with a bad field", 7),
         (b'{"op": "generate", "id": 8, "prompt": "p", "options": {}, "images": [1]}', "bad 'images'", 8),
+        # Token ids are integers: a float is not rounded, a bool or a numeric string is not read as one.
+        (b'{"op": "detokenize", "id": 9, "tokens": [1, 2.7]}', "'detokenize' frame with a bad 'tokens'", 9),
+        (b'{"op": "detokenize", "id": 10, "tokens": [true]}', "'detokenize' frame with a bad 'tokens'", 10),
+        (b'{"op": "detokenize", "id": 11, "tokens": ["12"]}', "'detokenize' frame with a bad 'tokens'", 11),
+        (b'{"op": "embed", "id": 12, "inputs": ["a"], "truncate": "false"}', "bad 'truncate'", 12),
     ],
 )
 def test_a_bad_request_is_a_frame_error_naming_its_id(
@@ -124,6 +129,8 @@ def test_a_bad_request_is_a_frame_error_naming_its_id(
         (b'{"id": 1}', "an event frame without an 'ev'"),
         (b'{"ev": "text", "id": 1, "text": 5}', "'text' frame with a bad 'text'"),
         (b'{"ev": "loaded", "id": 1, "info": {}}', "'loaded' frame with a bad field"),
+        (b'{"ev": "tokens", "id": 1, "tokens": [3, 4.5]}', "'tokens' frame with a bad 'tokens'"),
+        (b'{"ev": "tokens", "id": 1, "tokens": [false]}', "'tokens' frame with a bad 'tokens'"),
     ],
 )
 def test_a_bad_reply_is_a_frame_error(raw: bytes, message: str) -> None:
@@ -141,3 +148,11 @@ def test_read_frame_reads_whole_frames_and_stops_at_the_end() -> None:
 def test_read_frame_refuses_an_absurd_length() -> None:
     with pytest.raises(FrameError, match="too large"):
         read_frame(io.BytesIO(HEADER.pack(2**31) + b"{}"))
+
+
+@pytest.mark.parametrize("load_ns", ["12345", 1.5, True, None])
+def test_a_loaded_reply_needs_an_integer_load_time(load_ns: object) -> None:
+    fields = orjson.loads(payload(encode(Loaded(1, ModelInfo(context_length=2048), 12345))))
+    fields["load_ns"] = load_ns
+    with pytest.raises(FrameError, match="'loaded' frame with a bad 'load_ns'"):
+        decode_reply(orjson.dumps(fields))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterator
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeGuard
 
 import orjson
 
@@ -128,9 +128,21 @@ def _object(payload: bytes | bytearray | memoryview) -> dict[str, Any]:
 
 def _id(message: dict[str, Any], kind: str) -> int:
     value = message.get("id")
-    if not isinstance(value, int) or isinstance(value, bool):
+    if not _is_int(value):
         raise FrameError(f"{kind!r} frame without an integer id")
     return value
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _ints(message: dict[str, Any], key: str, kind: str) -> tuple[int, ...]:
+    """A list of integers (token ids): a float, a bool or a numeric string is refused, never rounded."""
+    values = _get(message, key, list, kind)
+    if not all(_is_int(value) for value in values):
+        raise FrameError(f"{kind!r} frame with a bad {key!r}", message.get("id"))
+    return tuple(values)
 
 
 def _get(message: dict[str, Any], key: str, expected: type | tuple[type, ...], kind: str) -> Any:
@@ -172,11 +184,11 @@ def _request(op: str, m: dict[str, Any]) -> Request:
         inputs = _get(m, "inputs", list, op)
         if not all(isinstance(text, str) for text in inputs):
             raise FrameError("'embed' frame with a bad 'inputs'", request_id)
-        return Embed(request_id, tuple(inputs), bool(m.get("truncate", True)))
+        return Embed(request_id, tuple(inputs), _get(m, "truncate", bool, op) if "truncate" in m else True)
     if op == "tokenize":
         return Tokenize(request_id, _get(m, "text", str, op))
     if op == "detokenize":
-        return Detokenize(request_id, tuple(int(token) for token in _get(m, "tokens", list, op)))
+        return Detokenize(request_id, _ints(m, "tokens", op))
     raise FrameError(f"unknown runner command {op!r}", request_id)
 
 
@@ -211,11 +223,15 @@ def _reply(ev: str, m: dict[str, Any]) -> Reply:
         stats = m.get("stats")
         return Done(request_id, None if stats is None else GenerationStats.from_wire(stats))
     if ev == "loaded":
-        return Loaded(request_id, ModelInfo.from_wire(_get(m, "info", dict, ev)), int(m["load_ns"]))
+        info = ModelInfo.from_wire(_get(m, "info", dict, ev))
+        load_ns = m.get("load_ns")
+        if not _is_int(load_ns):
+            raise FrameError(f"{ev!r} frame with a bad 'load_ns'", request_id)
+        return Loaded(request_id, info, load_ns)
     if ev == "embedded":
         return Embedded(request_id, EmbedResult.from_wire(_get(m, "result", dict, ev)))
     if ev == "tokens":
-        return Tokens(request_id, tuple(int(token) for token in _get(m, "tokens", list, ev)))
+        return Tokens(request_id, _ints(m, "tokens", ev))
     if ev == "text":
         return Text(request_id, _get(m, "text", str, ev))
     raise FrameError(f"unknown runner event {ev!r}", request_id)

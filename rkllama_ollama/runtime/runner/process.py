@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rkllama_ollama.runtime.base import NATIVE_LOG_ENV, Engine, LoadSpec
+from rkllama_ollama.runtime.base import NATIVE_LOG_ENV, Engine, LoadSpec, RuntimeFailure
 from rkllama_ollama.runtime.runner.client import RunnerClient
 from rkllama_ollama.runtime.runner.codec import FrameBuffer, FrameError, decode_reply, encode
 from rkllama_ollama.runtime.runner.messages import Reply, Request, Shutdown
@@ -77,11 +77,25 @@ class RunnerProcess(RunnerClient):
 
     @classmethod
     async def start(cls, env: dict[str, str] | None = None) -> RunnerProcess:
+        """Start a runner child. The system refusing one (no descriptors, no memory, no process slot)
+        is a RuntimeFailure saying so, not an unexplained error."""
+        try:
+            return await cls._start(env)
+        except OSError as exc:
+            log.error("could not start a runner: %s", exc)
+            raise RuntimeFailure(f"could not start the model runner: {exc}") from exc
+
+    @classmethod
+    async def _start(cls, env: dict[str, str] | None) -> RunnerProcess:
         log_fd, log_name = tempfile.mkstemp(prefix="rkllama-runner-", suffix=".log")
         os.close(log_fd)
         native_log = Path(log_name)
         env = {**(os.environ if env is None else env), NATIVE_LOG_ENV: log_name}
-        read_fd, write_fd = os.pipe()
+        try:
+            read_fd, write_fd = os.pipe()
+        except BaseException:
+            native_log.unlink(missing_ok=True)
+            raise
         try:
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -96,6 +110,7 @@ class RunnerProcess(RunnerClient):
             )
         except BaseException:
             native_log.unlink(missing_ok=True)
+            os.close(read_fd)  # no child: nobody will ever write to the event pipe
             raise
         finally:
             os.close(write_fd)
