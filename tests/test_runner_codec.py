@@ -107,6 +107,8 @@ def test_the_wire_keeps_its_shape() -> None:
         (b'{"op": "embed", "id": 6, "inputs": ["a", 1]}', "'embed' frame with a bad 'inputs'", 6),
         (b'{"op": "load", "id": 7, "spec": {"model_path": "x"}}', "'load' frame with a bad field", 7),
         (b'{"op": "generate", "id": 8, "prompt": "p", "options": {}, "images": [1]}', "bad 'images'", 8),
+        (b'{"op": "generate", "id": 8, "prompt": "p", "options": {}, "images": {}}', "bad 'images'", 8),
+        (b'{"op": "generate", "id": 8, "prompt": "p", "options": {}, "images": ""}', "bad 'images'", 8),
         # Token ids are integers: a float is not rounded, a bool or a numeric string is not read as one.
         (b'{"op": "detokenize", "id": 9, "tokens": [1, 2.7]}', "'detokenize' frame with a bad 'tokens'", 9),
         (b'{"op": "detokenize", "id": 10, "tokens": [true]}', "'detokenize' frame with a bad 'tokens'", 10),

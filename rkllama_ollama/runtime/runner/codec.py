@@ -169,7 +169,7 @@ def _request(op: str, m: dict[str, Any]) -> Request:
     if op == "abort":
         return Abort(request_id)
     if op == "generate":
-        images = m.get("images") or []
+        images = m.get("images", [])  # absent means none; {}, "" or 0 are not a list of pictures
         if not isinstance(images, list) or not all(isinstance(image, str) for image in images):
             raise FrameError("'generate' frame with a bad 'images'", request_id)
         return Generate(
