@@ -422,3 +422,26 @@ def test_without_a_library_the_daemon_cannot_tell_and_leaves_it_to_the_runner(tm
     from rkllama_ollama.runtime.rkllm.library import version_without_loading
 
     assert version_without_loading({"RKLLAMA_RKLLM_LIB": str(tmp_path / "missing.so")}) is None
+
+
+def test_requests_cancelled_while_waiting_take_no_place_in_the_run() -> None:
+    import collections
+
+    def waiting(temperature: float, cancelled: bool = False) -> Any:
+        cancel = threading.Event()
+        if cancelled:
+            cancel.set()
+        return multi_batch._Request([1], SamplingOptions(temperature=temperature), lambda _p: None, cancel, 0)
+
+    session = MultiBatchRkllmSession.__new__(MultiBatchRkllmSession)  # only the queue and n_batch are read
+    gone_first, gone_later = waiting(0.9, cancelled=True), waiting(0.0, cancelled=True)
+    live = [waiting(0.0) for _ in range(3)]
+    other = waiting(0.5)
+    session._queue = collections.deque([gone_first, live[0], gone_later, other, live[1], live[2]])
+    session._n_batch = 3
+    batch = session._take_batch()
+    # the three live requests with the first live request's sampling fill the run; the cancelled ones
+    # come along to be ended at once (the first of them does not choose the run's sampling)
+    assert [request for request in batch if not request.cancel.is_set()] == live
+    assert gone_first in batch and gone_later in batch
+    assert list(session._queue) == [other]

@@ -188,14 +188,21 @@ class MultiBatchRkllmSession(RkllmSession):
             request.finished.set()
 
     def _take_batch(self) -> list[_Request]:
-        """The first waiting request and, in arrival order, the others with the same sampling."""
-        key = sampling_key(self._queue[0].options)
+        """The first waiting request and, in arrival order, the others with the same sampling, up to
+        n_batch; requests cancelled while they waited come along too (they end at once and take no
+        place in the run)."""
+        waiting = [request for request in self._queue if not request.cancel.is_set()]
+        key = sampling_key(waiting[0].options) if waiting else None
         batch: list[_Request] = []
+        places = 0
         kept: collections.deque[_Request] = collections.deque()
         while self._queue:
             request = self._queue.popleft()
-            if len(batch) < self._n_batch and sampling_key(request.options) == key:
+            if request.cancel.is_set():
                 batch.append(request)
+            elif places < self._n_batch and sampling_key(request.options) == key:
+                batch.append(request)
+                places += 1
             else:
                 kept.append(request)
         self._queue = kept
