@@ -31,6 +31,14 @@ from tests.rkllm_support.vision import b64, rknn_simulator, write_encoder
 N_TOKENS, EMBED_DIM = 256, 2048  # Qwen2.5-VL-3B at 448x448: 256 tokens of the LLM's width
 
 
+# The pictures both vision benches measure: label -> (width, height, format).
+PICTURES = {
+    "png_448": (448, 448, "PNG"),
+    "jpeg_448": (448, 448, "JPEG"),
+    "jpeg_1280x960": (1280, 960, "JPEG"),
+}
+
+
 def _picture(width: int, height: int, seed: int, fmt: str) -> bytes:
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width]
@@ -55,11 +63,7 @@ def run(tmp: Path, rounds: int) -> dict[str, Any]:
     shape = encoder.shape
     results: dict[str, Any] = {"encoder_output": f"{N_TOKENS} x {EMBED_DIM} float32"}
     try:
-        for label, (width, height, fmt) in {
-            "png_448": (448, 448, "PNG"),
-            "jpeg_448": (448, 448, "JPEG"),
-            "jpeg_1280x960": (1280, 960, "JPEG"),
-        }.items():
+        for label, (width, height, fmt) in PICTURES.items():
             pictures = [_picture(width, height, seed, fmt) for seed in range(5)]
             texts = [b64(p) for p in pictures]
             rows: dict[str, list[float]] = {

@@ -24,7 +24,7 @@ from typing import Any
 
 from rkllama_ollama.chat.images import checked_image
 from rkllama_ollama.runtime.base import LoadSpec, SamplingOptions
-from tests.bench.vision import _picture
+from tests.bench.vision import PICTURES, _picture
 from tests.rkllm_support.vision import b64
 from tests.support.tiny_gguf import write_tiny_gguf, write_tiny_mmproj
 
@@ -51,11 +51,7 @@ def run(tmp: Path, rounds: int) -> dict[str, Any]:
     one_token = SamplingOptions(temperature=0, num_predict=1)
     results: dict[str, Any] = {"projector": "tiny LLaVA MLP, 32x32 input, 16 tokens"}
     try:
-        for label, (width, height, fmt) in {
-            "png_448": (448, 448, "PNG"),
-            "jpeg_448": (448, 448, "JPEG"),
-            "jpeg_1280x960": (1280, 960, "JPEG"),
-        }.items():
+        for label, (width, height, fmt) in PICTURES.items():
             rows: dict[str, list[float]] = {k: [] for k in ("check", "decode", "tokenize", "first", "repeat")}
             for round_ in range(rounds):
                 for seed in range(5):

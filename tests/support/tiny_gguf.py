@@ -107,6 +107,16 @@ def _tensors(
     return tensors
 
 
+def _finish(writer: gguf.GGUFWriter, tensors: dict[str, np.ndarray]) -> None:
+    """Add the tensors, then write the file: header, metadata, tensor data."""
+    for name, tensor in tensors.items():
+        writer.add_tensor(name, tensor)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def write_tiny_gguf(
     path: Path,
     *,
@@ -159,13 +169,7 @@ def write_tiny_gguf(
     if chat_template is not None:
         writer.add_chat_template(chat_template)
 
-    for name, tensor in _tensors(rng, len(tokens), arch, attention).items():
-        writer.add_tensor(name, tensor)
-
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _finish(writer, _tensors(rng, len(tokens), arch, attention))
     return path
 
 
@@ -238,10 +242,5 @@ def write_tiny_mmproj(path: Path, *, seed: int = 0, n_embd: int = N_EMBD) -> Pat
     writer.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
     writer.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
     writer.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
-    for name, tensor in _mmproj_tensors(np.random.default_rng(seed + 1000), n_embd).items():
-        writer.add_tensor(name, tensor)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _finish(writer, _mmproj_tensors(np.random.default_rng(seed + 1000), n_embd))
     return path
